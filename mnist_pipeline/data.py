@@ -1,0 +1,111 @@
+"""Tracked tensors, the seeded stratified split, batching and augmentation.
+
+Data stays as uint8 tensors (N×28×28, 47 MB for all of MNIST) and is normalised on
+the fly; batches are slices of a seeded permutation and augmentation is one
+batched affine warp — no per-sample Python, PIL or DataLoader workers in the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mnist_pipeline.datasets import DatasetError
+from mnist_pipeline.fileio import atomic_path
+
+SPLITS = ("train", "val", "test")
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val), each sorted, with every class in val in proportion to its share.
+
+    Per-class quotas use the largest-remainder method so they add up to exactly
+    `val_size`; ties go to the lower class index, so the split depends only on the seed.
+    """
+    n = len(labels)
+    if not 0 < val_size < n:
+        raise ValueError(f"data.val_size = {val_size}: expected between 1 and {n - 1} for {n} training images")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * val_size / n
+    quota = exact.floor().long()
+    remainder = exact - quota
+    order = sorted(range(len(classes)), key=lambda i: (-float(remainder[i]), i))
+    for i in order[: val_size - int(quota.sum())]:
+        quota[i] += 1
+    generator = torch.Generator().manual_seed(seed)
+    val_parts = []
+    for cls, k in zip(classes.tolist(), quota.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        val_parts.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[torch.cat(val_parts)] = True
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+
+
+def normalisation_stats(images: torch.Tensor) -> tuple[float, float]:
+    """Mean and std of pixel intensity in [0, 1], in float64 so the result is exact to reproduce."""
+    x = images.double().div_(255.0)
+    return float(x.mean()), float(x.std())
+
+
+def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"images": images.contiguous(), "labels": labels.contiguous()}, tmp)
+
+
+def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a split written by `save_split`, checking what it holds; errors name the file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: not found (run `dvc repro preprocess`)") from None
+    except Exception as exc:  # a truncated zip, a pickled object: all mean "not our file"
+        raise DatasetError(f"{path}: not a readable tensor file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(blob, dict) or set(blob) != {"images", "labels"}:
+        raise DatasetError(f"{path}: expected a dict with 'images' and 'labels'")
+    images, labels = blob["images"], blob["labels"]
+    if images.dtype != torch.uint8 or images.ndim != 3 or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        raise DatasetError(
+            f"{path}: expected uint8 images N×H×W and int64 labels N, got {images.dtype} {list(images.shape)}"
+            f" and {labels.dtype} {list(labels.shape)}"
+        )
+    return images, labels
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W → float N×1×H×W in [0, 1] (ink 1, background 0)."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 N×H×W → float N×1×H×W, standardised with the train-split statistics."""
+    return to_unit(images).sub_(mean).div_(std)
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Slices of a seeded permutation (or of 0..n-1 without a generator)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def random_affine(
+    x: torch.Tensor, rotate: float, scale: float, shift: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Warp a batch N×C×H×W of [0, 1] images (background 0) with one random rotation
+    (±degrees), zoom (±fraction) and shift (±pixels) per image, in one grid_sample call."""
+    n, _, h, w = x.shape
+    draws = torch.rand(n, 4, generator=generator).mul_(2).sub_(1).to(x.device)  # uniform in [-1, 1)
+    angle = draws[:, 0] * (rotate * math.pi / 180)
+    zoom = 1 + draws[:, 1] * scale
+    # affine_grid maps output to input coordinates, so the inverse zoom and a
+    # shift in normalised [-1, 1] units (2 / size per pixel) are what it wants.
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    tx, ty = draws[:, 2] * (2 * shift / w), draws[:, 3] * (2 * shift / h)
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.device), align_corners=False, padding_mode="zeros")

@@ -1,0 +1,140 @@
+"""Metrics, confusion data and figures from predictions.
+
+Everything here is a pure function of logits and labels (plus the history), so
+the metrics JSON and the confusion rows are byte-identical for the same model.
+Figures use matplotlib's non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot's import
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mnist_pipeline.fileio import atomic_path  # noqa: E402
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[actual, predicted]."""
+    flat = labels.long() * num_classes + predicted.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_report(confusion: torch.Tensor, classes: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class (0 where a ratio is undefined)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    predicted = cm.sum(0)
+    actual = cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    return pd.DataFrame(
+        {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+         "support": actual.long().tolist()},
+        index=pd.Index(classes, name="class"),
+    )
+
+
+def _round(x: float) -> float:
+    # 6 significant decimals: enough to compare runs, and stable to print.
+    return round(float(x), 6)
+
+
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, classes: list[str], num_params: int
+) -> dict[str, Any]:
+    predicted = logits.argmax(1)
+    confusion = confusion_matrix(labels, predicted, len(classes))
+    report = per_class_report(confusion, classes)
+    errors = int((predicted != labels).sum())
+    return {
+        "accuracy": _round(1 - errors / len(labels)),
+        "loss": _round(F.cross_entropy(logits.double(), labels)),
+        "macro_f1": _round(report["f1"].mean()),
+        "errors": errors,
+        "samples": len(labels),
+        "params": num_params,
+        "per_class": {
+            name: {k: (_round(v) if k != "support" else int(v)) for k, v in row.items()}
+            for name, row in report.to_dict(orient="index").items()
+        },
+    }
+
+
+def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
+    """One {actual, predicted} row per test image, the shape DVC's `confusion` template reads."""
+    return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), predicted.tolist())]
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        # Fixed metadata keeps the PNG bytes independent of the matplotlib build date.
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
+    cm = confusion.numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    shown = cm.astype(float)
+    ax.imshow(shown / shown.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if i == j else ("crimson" if cm[i, j] else "black"))
+    ax.set_xticks(range(len(classes)), classes, rotation=45 if max(map(len, classes)) > 2 else 0)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    errors = int(cm.sum() - cm.trace())
+    ax.set_title(f"Confusion matrix (test): {errors} errors of {int(cm.sum())}")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_misclassified(
+    images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, classes: list[str], path: Path, count: int = 24
+) -> None:
+    """The most confidently wrong test images, with true class, prediction and confidence."""
+    probs = logits.softmax(1)
+    confidence, predicted = probs.max(1)
+    wrong = torch.nonzero(predicted != labels).flatten()
+    order = wrong[torch.argsort(confidence[wrong], descending=True, stable=True)][:count]
+    cols = 8
+    rows = max(1, -(-len(order) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order.tolist()):
+        ax.imshow(images[i].numpy(), cmap="gray_r")
+        ax.set_title(f"{classes[labels[i]]}→{classes[predicted[i]]} {confidence[i]:.0%}", fontsize=8)
+    fig.suptitle("Most confidently wrong test images (true→predicted confidence)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_history(history: pd.DataFrame, path: Path) -> None:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(history["epoch"], history["train_loss"], label="train")
+    ax_loss.plot(history["epoch"], history["val_loss"], label="val")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot(history["epoch"], history["train_acc"], label="train (augmented)")
+    ax_acc.plot(history["epoch"], history["val_acc"], label="val")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.suptitle("Training curves")
+    fig.tight_layout()
+    _save(fig, path)
