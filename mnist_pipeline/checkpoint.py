@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_pipeline.fileio import atomic_path, sha256_file
+from mnist_pipeline.fileio import sha256_file, write_torch
 from mnist_pipeline.models import build_model
 
 FORMAT = "mnist-pipeline-checkpoint/1"
@@ -54,11 +54,6 @@ def make_checkpoint(
         "data": data,
         "best": best,
     }
-
-
-def save(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _load(path: Path, what: str) -> Any:
@@ -110,7 +105,7 @@ def resume_path(folder: Path, key: str) -> Path:
 
 def save_resume_state(folder: Path, key: str, state: dict[str, Any]) -> Path:
     path = resume_path(folder, key)
-    save(path, {"fingerprint": key, "state": state})
+    write_torch(path, {"fingerprint": key, "state": state})
     return path
 
 

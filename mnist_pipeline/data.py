@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.datasets import DatasetError
-from mnist_pipeline.fileio import atomic_path
+from mnist_pipeline.fileio import write_torch
 
 SPLITS = ("train", "val", "test")
 
@@ -53,8 +53,7 @@ def normalisation_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"images": images.contiguous(), "labels": labels.contiguous()}, tmp)
+    write_torch(path, {"images": images.contiguous(), "labels": labels.contiguous()})
 
 
 def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:

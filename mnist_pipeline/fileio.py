@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 @contextlib.contextmanager
@@ -46,6 +49,18 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented JSON; key order is kept so the bytes are reproducible."""
     write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """torch.save, atomically and byte-reproducibly.
+
+    torch.save names the zip's root folder after the file it writes to, so saving
+    straight to a randomly named temp file would give different bytes every run;
+    an in-memory buffer always gets the same name.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -4,10 +4,12 @@ Both are built from their params section (`mlp:` / `cnn:` in params.yaml) by
 `build_model(name, **kwargs)`; checkpoints store that name and those kwargs, so
 evaluate, export and predict rebuild the model from the checkpoint alone.
 
-The CNN is a stack of stages of 3×3 conv → BatchNorm → ReLU, each stage after the
-first starting with a 2×2 max-pool, then global average pooling and one linear
-layer: with the default `[[8], [16, 16], [32, 32]]`-style widths it stays under
-20k parameters and spends its FLOPs where the digit is (see README results).
+The CNN is a stack of stages of 3×3 conv → BatchNorm → ReLU with a 2×2 max-pool
+between stages, then global average pooling and one linear layer. The pool sits
+right after the stage's last convolution, before its BatchNorm and ReLU: on a CPU
+those two are memory-bound passes, and running them on a quarter of the pixels
+makes a training step ~1.6× faster (benchmarks/), while a max commutes with ReLU
+and with BatchNorm's monotone (positive-scale) affine map.
 """
 
 from __future__ import annotations
@@ -38,18 +40,19 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Stages of conv3×3-BN-ReLU (max-pool between stages) → global average pool → Linear."""
+    """Stages of conv3×3-BN-ReLU (2×2 max-pool between stages) → global average pool → Linear."""
 
     def __init__(self, channels: Sequence[Sequence[int]], dropout: float, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_channels
         for i, stage in enumerate(channels):
-            if i:
-                layers.append(nn.MaxPool2d(2))
-            for out in stage:
-                # No conv bias: the BatchNorm right after it has its own shift.
-                layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            for j, out in enumerate(stage):
+                # No conv bias: the BatchNorm after it has its own shift.
+                layers.append(nn.Conv2d(width, out, 3, padding=1, bias=False))
+                if j == len(stage) - 1 and i < len(channels) - 1:
+                    layers.append(nn.MaxPool2d(2))
+                layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 width = out
         self.features = nn.Sequential(*layers)
         head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]

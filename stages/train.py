@@ -24,7 +24,7 @@ from mnist_pipeline import checkpoint, data, engine, models
 from mnist_pipeline.data import load_split
 from mnist_pipeline.datasets import DatasetError
 from mnist_pipeline.engine import Trainer, TrainingDiverged, seed_everything, select_device
-from mnist_pipeline.fileio import atomic_path, write_json
+from mnist_pipeline.fileio import atomic_path, write_json, write_torch
 from mnist_pipeline.params import as_dict, load_params_or_exit
 
 TRAINING_CODE = [Path(m.__file__) for m in (checkpoint, data, engine, models)] + [Path(__file__)]
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         live.end()
 
     best = {k: trainer.best[k] for k in ("epoch", "val_acc", "val_loss")}
-    checkpoint.save(args.checkpoint, checkpoint.make_checkpoint(
+    write_torch(args.checkpoint, checkpoint.make_checkpoint(
         params.model, params.model_kwargs(), trainer.best["state"], {"mean": stats["mean"], "std": stats["std"]},
         stats["classes"], run_params, hashes, best))
     write_json(args.metrics, {"best_epoch": best["epoch"], "val_acc": round(best["val_acc"], 6),

@@ -1,0 +1,87 @@
+"""Export a checkpoint to ONNX and torch.export (.pt2), and check each against PyTorch.
+
+Both formats take a float batch N×1×28×28 already normalised and return N×10
+logits, with a dynamic batch dimension. The normalisation, class names and model
+name travel inside each file (ONNX metadata_props; a `model.json` extra file in the
+.pt2), so `mnist-predict` needs nothing but the exported file.
+
+TorchScript is deprecated in torch 2.14 and is not offered.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mnist_pipeline.fileio import write_bytes
+
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
+PT2_METADATA = "model.json"
+
+
+class ParityError(RuntimeError):
+    pass
+
+
+def _example() -> tuple[torch.Tensor, dict[str, Any]]:
+    example = torch.zeros(2, 1, 28, 28)
+    return example, {"x": {0: torch.export.Dim("batch", min=1)}}
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> None:
+    example, dynamic = _example()
+    program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset,
+                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes=dynamic, verbose=False)
+    program.model.metadata_props.update(metadata)
+    # ONNXProgram.save writes in place; render to bytes to keep the write atomic.
+    buffer = io.BytesIO()
+    program.save(buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def export_pt2(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    example, dynamic = _example()
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={PT2_METADATA: json.dumps(metadata)})
+    write_bytes(path, buffer.getvalue())
+
+
+def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0]
+
+
+def run_pt2(path: Path, x: np.ndarray) -> np.ndarray:
+    program = torch.export.load(str(path))
+    with torch.no_grad():
+        return program.module()(torch.from_numpy(x)).numpy()
+
+
+RUNNERS = {"onnx": run_onnx, "pt2": run_pt2}
+
+
+def parity(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
+    return {
+        "max_abs_logit_diff": float(np.abs(reference - exported).max()),
+        "top1_agreement": float((reference.argmax(1) == exported.argmax(1)).mean()),
+        "samples": int(len(reference)),
+    }
+
+
+def check_parity(report: dict[str, float], fmt: str, tolerance: float = 1e-4) -> None:
+    if report["top1_agreement"] < 1.0 or report["max_abs_logit_diff"] > tolerance:
+        raise ParityError(
+            f"{fmt} export disagrees with the PyTorch checkpoint: top-1 agreement {report['top1_agreement']:.4f} "
+            f"(expected 1.0), max logit difference {report['max_abs_logit_diff']:.2e} (expected ≤ {tolerance:g})"
+        )

@@ -1,0 +1,110 @@
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import synthetic_digits, write_mirror
+from mnist_pipeline.data import (
+    batch_indices,
+    load_split,
+    normalisation_stats,
+    random_affine,
+    save_split,
+    stratified_split,
+)
+from mnist_pipeline.datasets import DatasetError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stratified_split_is_exact_disjoint_proportional_and_seeded():
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate([50, 70, 30, 90, 60, 40, 80, 20, 65, 95])])
+    train, val = stratified_split(labels, 60, seed=3)
+    assert len(val) == 60 and len(train) == len(labels) - 60
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    expected = torch.bincount(labels).double() * 60 / len(labels)
+    got = torch.bincount(labels[val], minlength=10).double()
+    assert torch.all((got - expected).abs() < 1)
+    again_train, again_val = stratified_split(labels, 60, seed=3)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, stratified_split(labels, 60, seed=4)[1])
+
+
+def test_stratified_split_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="data.val_size = 100"):
+        stratified_split(torch.arange(100) % 10, 100, seed=0)
+
+
+def test_batches_cover_every_index_once():
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat(list(batch_indices(103, 10, g)))
+    assert sorted(seen.tolist()) == list(range(103))
+    assert torch.equal(torch.cat(list(batch_indices(5, 2))), torch.arange(5))
+
+
+def test_random_affine_keeps_shape_background_and_is_seeded():
+    images, _ = synthetic_digits(16, seed=0)
+    x = images.unsqueeze(1).float() / 255
+    x[:, :, :2, :] = 0  # clean border: background stays 0 after a warp
+    a = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(1))
+    b = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    assert a.min() >= 0 and a.max() <= 1
+    identity = random_affine(x, 0, 0, 0, torch.Generator().manual_seed(1))
+    assert torch.allclose(identity, x, atol=1e-5)
+
+
+def test_shift_moves_ink_by_pixels():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10:14, 10:14] = 1
+    g = torch.Generator().manual_seed(0)
+    out = random_affine(x.expand(256, 1, 28, 28).clone(), 0, 0, 3, g)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    cx = (out[:, 0] * xs).sum((1, 2)) / out[:, 0].sum((1, 2))
+    assert (cx - 11.5).abs().max() <= 3.01 and (cx - 11.5).abs().max() > 2
+
+
+def test_split_file_round_trip_and_errors(tmp_path):
+    images, labels = synthetic_digits(12, seed=0)
+    save_split(tmp_path / "s.pt", images, labels.long())
+    x, y = load_split(tmp_path / "s.pt")
+    assert torch.equal(x, images) and y.dtype == torch.int64
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "s.pt").read_bytes()[:100])
+    with pytest.raises(DatasetError, match="bad.pt: not a readable tensor file"):
+        load_split(tmp_path / "bad.pt")
+    torch.save({"images": images.float(), "labels": labels}, tmp_path / "wrong.pt")
+    with pytest.raises(DatasetError, match="wrong.pt: expected uint8 images"):
+        load_split(tmp_path / "wrong.pt")
+    with pytest.raises(DatasetError, match="missing.pt: not found"):
+        load_split(tmp_path / "missing.pt")
+
+
+def test_normalisation_stats():
+    mean, std = normalisation_stats(torch.tensor([[[0, 255]]], dtype=torch.uint8))
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.7071, abs=1e-4)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_preprocess_twice_gives_identical_bytes(tmp_path):
+    write_mirror(tmp_path / "raw", n_train=300, n_test=50)
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text().replace("val_size: 5000", "val_size: 50"))
+    outs = []
+    for run in ("a", "b"):
+        result = subprocess.run([sys.executable, str(ROOT / "stages" / "preprocess.py"), str(tmp_path / "raw"),
+                                 str(tmp_path / run), "--params", str(params)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        outs.append(_digests(tmp_path / run))
+    assert outs[0] == outs[1]
+    assert set(outs[0]) == {"train.pt", "val.pt", "test.pt", "stats.json"}
+    train_x, _ = load_split(tmp_path / "a" / "train.pt")
+    val_x, _ = load_split(tmp_path / "a" / "val.pt")
+    assert (len(train_x), len(val_x)) == (250, 50)
+    assert not list((tmp_path / "a").glob(".*tmp*"))

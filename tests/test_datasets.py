@@ -1,0 +1,199 @@
+import dataclasses
+import gzip
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SPEC, idx_bytes, synthetic_digits, write_mirror
+from mnist_pipeline.datasets import (
+    DatasetError,
+    download,
+    extra_checksums,
+    parse_idx,
+    read_images,
+    read_labels,
+    read_split,
+    verify_file,
+)
+
+
+# ---------------------------------------------------------------- IDX reader
+
+def test_parse_idx_round_trip():
+    images, labels = synthetic_digits(30, seed=1)
+    assert torch.equal(parse_idx(idx_bytes(images), "x"), images)
+    assert torch.equal(parse_idx(idx_bytes(labels), "y"), labels)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b"\x00\x00\x0d\x03" + b[4:], "bad magic number 0x00000d03"),
+        (lambda b: b"\x01" + b[1:], "bad magic number"),
+        (lambda b: b[:-5], "holds"),
+        (lambda b: b + b"\x00", "holds"),
+        (lambda b: b[:2], "too short"),
+        (lambda b: b[:9], "truncated header"),
+    ],
+)
+def test_parse_idx_rejects_corrupt_payloads(mutate, message):
+    images, _ = synthetic_digits(4, seed=0)
+    with pytest.raises(DatasetError, match=message) as err:
+        parse_idx(mutate(idx_bytes(images)), "corrupt-file")
+    assert "corrupt-file" in str(err.value)
+
+
+def test_readers_check_shapes_ranges_and_counts(tmp_path):
+    images, labels = synthetic_digits(10, seed=0)
+    (tmp_path / "img.gz").write_bytes(gzip.compress(idx_bytes(images[:, :20, :])))
+    with pytest.raises(DatasetError, match=r"img.gz: expected images of shape N×28×28"):
+        read_images(tmp_path / "img.gz")
+    bad_labels = labels.clone()
+    bad_labels[3] = 12
+    (tmp_path / "lab.gz").write_bytes(gzip.compress(idx_bytes(bad_labels)))
+    with pytest.raises(DatasetError, match=r"lab.gz: label 12 is out of range \(expected 0..9\)"):
+        read_labels(tmp_path / "lab.gz", 10)
+    (tmp_path / "notgz.gz").write_bytes(b"plain bytes")
+    with pytest.raises(DatasetError, match="notgz.gz: not a valid gzip file"):
+        read_images(tmp_path / "notgz.gz")
+    write_mirror(tmp_path / "m", n_train=50, n_test=20)
+    (tmp_path / "m" / SPEC.test_labels.name).write_bytes(gzip.compress(idx_bytes(labels)))
+    with pytest.raises(DatasetError, match="holds 20 images but t10k-labels-idx1-ubyte.gz holds 10 labels"):
+        read_split(tmp_path / "m", SPEC.test_images, SPEC.test_labels, 10)
+
+
+# ---------------------------------------------------------------- verification and download
+
+def test_real_mnist_payload_checksums_are_pinned():
+    # The pinned payload sha256s are those of ../shared/datasets/mnist/README.md.
+    assert SPEC.train_labels.raw_sha256 == "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
+    assert SPEC.train_images.gz_md5 == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+
+
+def test_verify_accepts_pinned_payload_whatever_the_compression(tmp_path):
+    pins_file = write_mirror(tmp_path / "m")
+    pins = extra_checksums({"MNIST_CHECKSUMS": str(pins_file)})
+    path = tmp_path / "m" / SPEC.train_labels.name
+    verify_file(path, SPEC.train_labels, pins)
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1))
+    verify_file(path, SPEC.train_labels, pins)  # recompressed, same payload: accepted
+    with pytest.raises(DatasetError, match="checksum mismatch"):
+        verify_file(path, SPEC.train_labels, {})
+
+
+def mirror_env(good: Path, pins: Path, first: str | None = None) -> dict[str, str]:
+    return {"MNIST_MIRROR": first or str(good), "MNIST_CHECKSUMS": str(pins)}
+
+
+def test_download_from_directory_and_skip_when_present(tmp_path):
+    pins = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "raw"
+    spec = dataclasses.replace(SPEC, mirrors=())
+    got = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
+    assert set(got) == {f.name for f in spec.files}
+    assert all(src.startswith("file://") for src in got.values())
+    again = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
+    assert set(again.values()) == {"present"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in spec.files)
+
+
+def test_corrupt_mirror_falls_through_to_next_and_leaves_no_partial_file(tmp_path):
+    pins = write_mirror(tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in SPEC.files:
+        data = (tmp_path / "good" / f.name).read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if "images" in f.name else b"\x1f\x8bjunk")
+    spec = dataclasses.replace(SPEC, mirrors=((tmp_path / "good").as_uri() + "/",))
+    logs: list[str] = []
+    out = tmp_path / "raw"
+    got = download(spec, out, mirror_env(tmp_path / "good", pins, first=bad.as_uri()), retries=0, log=logs.append)
+    assert all(src.startswith((tmp_path / "good").as_uri()) for src in got.values())
+    assert any("not a complete gzip file" in line for line in logs)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in SPEC.files)
+
+
+def test_all_sources_fail_lists_each_and_explains_mirror(tmp_path):
+    pins = write_mirror(tmp_path / "good")
+    wrong = tmp_path / "wrong"
+    write_mirror(wrong, seed=7)  # valid gzip files, other bytes: checksum mismatch
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec = dataclasses.replace(SPEC, mirrors=(empty.as_uri() + "/",))
+    out = tmp_path / "raw"
+    with pytest.raises(DatasetError) as err:
+        download(spec, out, mirror_env(wrong, pins), retries=0)
+    message = str(err.value)
+    assert wrong.as_uri() in message and "checksum mismatch" in message
+    assert empty.as_uri() in message
+    assert "MNIST_MIRROR" in message
+    assert list(out.iterdir()) == []
+
+
+def test_bad_mirror_setting_is_explained(tmp_path):
+    with pytest.raises(DatasetError, match="MNIST_MIRROR='/no/such/dir': not a directory"):
+        download(SPEC, tmp_path, {"MNIST_MIRROR": "/no/such/dir"})
+    with pytest.raises(DatasetError, match="expected a directory or a file://"):
+        download(SPEC, tmp_path, {"MNIST_MIRROR": "ftp://example.org/mnist"})
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; `truncate` cuts bodies short, `fail_first` answers 503 once per path."""
+
+    truncate = False
+    failed: set[str] = set()
+    fail_first = False
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        if self.fail_first and self.path not in self.failed:
+            self.failed.add(self.path)
+            self.send_error(503)
+            return
+        path = Path(self.directory) / self.path.lstrip("/")
+        if not path.exists():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 3] if self.truncate else data)
+
+
+@pytest.fixture
+def http_mirror(tmp_path):
+    pins = write_mirror(tmp_path / "served")
+    servers = []
+
+    def start(**behaviour):
+        handler = type("H", (_Handler,), {**behaviour, "failed": set()})
+        server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), lambda *a: handler(*a, directory=str(tmp_path / "served")))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start, pins
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_truncated_mirror_is_skipped_and_503_is_retried(tmp_path, http_mirror):
+    start, pins = http_mirror
+    truncating = start(truncate=True)
+    flaky = start(fail_first=True)
+    spec = dataclasses.replace(SPEC, mirrors=(flaky,))
+    logs: list[str] = []
+    got = download(spec, tmp_path / "raw", mirror_env(tmp_path, pins, first=truncating),
+                   retries=1, backoff=0.01, timeout=5, log=logs.append)
+    assert all(src.startswith(flaky) for src in got.values())
+    assert any("truncated" in line for line in logs)
+    assert any("retrying" in line for line in logs)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(f.name for f in SPEC.files)

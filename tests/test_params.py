@@ -1,0 +1,99 @@
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_pipeline.params import ParamsError, as_dict, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def with_change(path: str, value):
+    data = copy.deepcopy(DEFAULTS)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+
+
+def test_defaults_are_valid_and_round_trip():
+    params = parse_params(DEFAULTS)
+    assert params.model in ("mlp", "cnn")
+    assert as_dict(params) == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "path, value, fragments",
+    [
+        ("model", "cnnn", ["model", "'cnnn'", "mlp, cnn"]),
+        ("dataset", "emnist", ["dataset", "'emnist'", "mnist, fashion_mnist, kmnist"]),
+        ("train.optimizer", "rmsprop", ["train.optimizer", "sgd, adam, adamw"]),
+        ("train.scheduler", "linear", ["train.scheduler", "onecycle, cosine, plateau, step, none"]),
+        ("train.lr", -0.1, ["train.lr", "-0.1", "> 0"]),
+        ("train.lr", 0, ["train.lr", "> 0"]),
+        ("train.batch_size", 0, ["train.batch_size", ">= 1"]),
+        ("train.epochs", 2.5, ["train.epochs", "an integer"]),
+        ("train.nesterov", "yes", ["train.nesterov", "true or false"]),
+        ("train.augment.rotate", "ten", ["train.augment.rotate", "a finite number"]),
+        ("mlp.dropout", 1.0, ["mlp.dropout", "< 1"]),
+        ("mlp.hidden", [], ["mlp.hidden", "at least 1"]),
+        ("cnn.channels", [[8], []], ["cnn.channels", "non-empty lists"]),
+        ("data.val_size", 60000, ["data.val_size", "60000", "fewer than the 60000"]),
+        ("export.formats", ["onnx", "torchscript"], ["export.formats", "onnx, pt2"]),
+        ("train.early_stopping", 3, ["train.early_stopping", "mapping"]),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(path, value, fragments):
+    with pytest.raises(ParamsError) as err:
+        parse_params(with_change(path, value))
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    data = with_change("train.learning_rate", 0.1)
+    with pytest.raises(ParamsError, match=r"unknown key 'train.learning_rate' \(allowed in train: epochs, .*lr"):
+        parse_params(data)
+
+
+def test_missing_key_is_named():
+    with pytest.raises(ParamsError, match=r"missing key 'train.augment.shift'"):
+        parse_params(with_change("train.augment.shift", DELETE))
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [mlp\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_stage_exits_2_with_one_line(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(with_change("model", "cnnn")))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py"), str(tmp_path), "--params", str(params),
+         *[f"--{o}={tmp_path / o}" for o in ("checkpoint", "metrics", "history", "timing", "live", "state-dir")]],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "model = 'cnnn'" in result.stderr and "mlp, cnn" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "checkpoint").exists()
