@@ -1,0 +1,169 @@
+"""The real `dvc` binary on a temporary git copy of this repository and a tiny generated mirror."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import write_mirror
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = shutil.which("dvc", path=str(BIN)) or shutil.which("dvc")
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
+
+TINY = {
+    "data": {"val_size": 100},
+    "mlp": {"hidden": [32], "dropout": 0.0},
+    "cnn": {"channels": [[4], [8]], "dropout": 0.0},
+    "train": {"epochs": 2, "batch_size": 64, "ema": 0.0},
+    "evaluate": {"batch_size": 100},
+    "export": {"parity_samples": 50},
+}
+
+
+def merge(base: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def output_roots() -> set[str]:
+    """Top-level folders of the pipeline's outputs, as dvc.yaml declares them."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])]
+    return {o.split("/")[0] for o in outs}
+
+
+def copy_repo(dest: Path) -> None:
+    """Source files as a fresh clone would have them (plus uncommitted edits), no pipeline outputs."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    skip = output_roots()
+    for name in filter(None, listed):
+        src = ROOT / name
+        if name.split("/")[0] in skip and not name.endswith(".gitignore"):
+            continue
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run(args: list[str], repo: Path, env: dict[str, str], check: bool = True, timeout: float = 600):
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    repo = work / "repo"
+    copy_repo(repo)
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
+    env = {**os.environ, "MNIST_MIRROR": str(work / "mirror"), "MNIST_CHECKSUMS": str(checksums),
+           "PYTHONPATH": str(repo), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "MNIST_DEVICE": "cpu", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run(args, repo, env)
+    return repo, env
+
+
+def test_repro_then_noop(project):
+    repo, env = project
+    result = run([DVC, "repro"], repo, env)
+    for stage in ("download", "preprocess", "train", "evaluate", "export"):
+        assert f"Running stage '{stage}'" in result.stdout
+    stats = json.loads((repo / "data/processed/stats.json").read_text())
+    assert stats["counts"] == {"train": 500, "val": 100, "test": 200}
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["samples"] == 200
+    assert set(metrics["per_class"]) == set("0123456789")
+    confusion = json.loads((repo / "plots/confusion.json").read_text())
+    assert len(confusion) == 200 and set(confusion[0]) == {"actual", "predicted"}
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert set(export) == {"onnx", "pt2"}
+    assert all(r["top1_agreement"] == 1.0 and r["max_abs_logit_diff"] <= 1e-4 for r in export.values())
+    card = json.loads((repo / "models/export/model_card.json").read_text())
+    assert set(card["files_sha256"]) == {"model.onnx", "model.pt2"}
+    for name in ("confusion.png", "misclassified.png", "curves.png"):
+        assert (repo / "plots/figures" / name).stat().st_size > 1000
+    assert not list((repo / ".resume").glob("*.pt")), "finished runs leave no resume state"
+
+    again = run([DVC, "repro"], repo, env)
+    assert "Running stage" not in again.stdout
+    status = run([DVC, "status"], repo, env)
+    assert "up to date" in status.stdout
+
+
+def test_outputs_are_tracked_by_dvc_not_git(project):
+    repo, env = project
+    untracked = run(["git", "status", "--porcelain", "--untracked-files=all"], repo, env).stdout
+    leaked = [line for line in untracked.splitlines()
+              if line[3:].startswith(("data/", "models/", "metrics/", "plots/", "dvclive/"))
+              and not line.endswith(".gitignore")]
+    assert leaked == []
+
+
+def test_experiment_metrics_and_plots(project, tmp_path):
+    repo, env = project
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline: mlp"], repo, env)
+    run([DVC, "exp", "run", "-S", "model=cnn", "-n", "cnn-exp"], repo, env)
+    assert json.loads((repo / "metrics/train.json").read_text())["params"] < 2000  # the tiny CNN
+
+    diff = run([DVC, "metrics", "diff", "--json"], repo, env)
+    changes = json.loads(diff.stdout)
+    assert "accuracy" in changes["metrics/eval.json"]
+    assert changes["metrics/train.json"]["params"]["old"] > changes["metrics/train.json"]["params"]["new"]
+
+    plots = json.loads(run([DVC, "plots", "diff", "HEAD", "cnn-exp", "--json"], repo, env).stdout)["data"]
+    confusion = plots["Confusion matrix (test)"][0]
+    assert confusion["revisions"] == ["HEAD", "cnn-exp"]
+    assert len(confusion["content"]["data"]["values"]) == 2 * 200  # one row per test image and revision
+    assert plots["Loss"][0]["revisions"] == ["HEAD", "cnn-exp"]
+    assert {p["revisions"][0] for p in plots["plots/figures/confusion.png"]} == {"HEAD", "cnn-exp"}
+    out = tmp_path / "plots"
+    run([DVC, "plots", "diff", "HEAD", "cnn-exp", "-o", str(out)], repo, env)
+    assert "Confusion matrix (test)" in (out / "index.html").read_text()
+
+    params_diff = json.loads(run([DVC, "params", "diff", "--json"], repo, env).stdout)
+    assert params_diff["params.yaml"]["model"] == {"old": "mlp", "new": "cnn"}
+
+
+def test_queued_sweep_shows_in_exp_show(project):
+    repo, env = project
+    for lr in ("0.01", "0.02"):
+        run([DVC, "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"lr-{lr}"], repo, env)
+    run([DVC, "queue", "start", "-j", "1"], repo, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run([DVC, "queue", "status"], repo, env).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queue still busy:\n{status}")
+    assert "Failed" not in status, run([DVC, "queue", "logs", "lr-0.01"], repo, env, check=False).stdout
+    shown = json.loads(run([DVC, "exp", "show", "--json"], repo, env).stdout)
+    names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])}
+    assert {"lr-0.01", "lr-0.02", "cnn-exp"} <= names
+    header = run([DVC, "exp", "show", "--csv"], repo, env).stdout.splitlines()[0].split(",")
+    assert {"accuracy", "macro_f1", "train.lr"} <= set(header)
+    assert {"val.acc", "train.loss", "step"} <= set(header)  # DVCLive's per-epoch metrics

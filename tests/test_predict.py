@@ -1,0 +1,180 @@
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import synthetic_digits
+from mnist_pipeline import export, predict
+from mnist_pipeline.models import CNN
+
+BIN = Path(sys.executable).parent
+META = {"model": "cnn", "classes": json.dumps(list("0123456789")), "mean": "0.13", "std": "0.31", "input": "test"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = CNN([[4], [8]], 0.0).eval()
+    export.export_onnx(model, folder / "model.onnx", 18, META)
+    export.export_pt2(model, folder / "model.pt2", META)
+    return model, folder
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_parity_and_dynamic_batch(exported, fmt):
+    model, folder = exported
+    x = torch.randn(37, 1, 28, 28)
+    out = export.RUNNERS[fmt](folder / export.FILE_NAMES[fmt], x.numpy())
+    report = export.parity(model(x).detach().numpy(), out)
+    assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
+    export.check_parity(report, fmt)
+    with pytest.raises(export.ParityError, match=f"{fmt} export disagrees"):
+        export.check_parity({**report, "top1_agreement": 0.99}, fmt)
+
+
+def test_onnx_export_is_byte_reproducible(exported, tmp_path):
+    model, folder = exported
+    export.export_onnx(model, tmp_path / "again.onnx", 18, META)
+    assert (tmp_path / "again.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+
+
+def ink_centre(a: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.indices(a.shape)
+    return float((ys * a).sum() / a.sum()), float((xs * a).sum() / a.sum())
+
+
+def test_stroke_in_a_corner_of_a_large_white_canvas_is_centred(tmp_path):
+    canvas = np.full((600, 800), 255, np.uint8)
+    canvas[40:200, 60:90] = 20  # a dark vertical bar ("1") near the top-left corner
+    Image.fromarray(canvas).save(tmp_path / "one.png")
+    digit = predict.prepare(tmp_path / "one.png")
+    assert digit.shape == (28, 28)
+    assert digit.max() == pytest.approx(1.0, abs=0.05) and digit[0, 0] == 0  # white ink on black
+    rows, cols = np.nonzero(digit.any(1))[0], np.nonzero(digit.any(0))[0]
+    assert rows[-1] - rows[0] + 1 <= 21 and rows[-1] - rows[0] + 1 >= 19  # longer side fitted to 20
+    assert cols[-1] - cols[0] + 1 <= 6
+    cy, cx = ink_centre(digit)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
+
+
+def test_mnist_style_digit_is_kept_nearly_unchanged(tmp_path):
+    images, _ = synthetic_digits(1, seed=3)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 4:24] = np.asarray(Image.fromarray(images[0].numpy()[7:21, 7:21]).resize((20, 20)))
+    Image.fromarray(digit).save(tmp_path / "d.png")
+    out = predict.prepare(tmp_path / "d.png")
+    cy, cx = ink_centre(out)
+    assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5 and out.max() <= 1.0
+
+
+def test_alpha_16bit_and_exif_orientation(tmp_path):
+    rgba = np.zeros((100, 60, 4), np.uint8)
+    rgba[20:80, 25:35] = (0, 0, 0, 255)  # opaque black stroke on transparent: composited onto white
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    a = predict.prepare(tmp_path / "alpha.png")
+    deep = np.full((100, 60), 65535, np.uint16)
+    deep[20:80, 25:35] = 0
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    b = predict.prepare(tmp_path / "deep.png")
+    assert np.allclose(a, b, atol=0.02)
+    # The same tall bar stored lying down with EXIF "rotate 90": upright after transposition.
+    pixels = np.full((60, 100), 255, np.uint8)
+    pixels[25:35, 20:80] = 0  # stored wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    c = predict.prepare(tmp_path / "rotated.jpg")
+    rows, cols = np.nonzero(c > 0.5)
+    assert np.ptp(rows) > 3 * np.ptp(cols)  # tall after EXIF rotation
+
+
+def bomb_png(path: Path, side: int = 100_000) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    canvas = np.full((280, 280), 255, np.uint8)
+    canvas[60:220, 130:150] = 0
+    Image.fromarray(canvas).save(tmp_path / "good.png")
+    Image.fromarray(canvas).convert("RGB").save(tmp_path / "good.jpg")
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    bomb_png(tmp_path / "bomb.png")
+    Image.new("L", (200, 200), 250).save(tmp_path / "blank.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("notes.txt", "not an image"),
+    ("empty.png", "empty file"),
+    ("truncated.png", "truncated or corrupt"),
+    ("bomb.png", "decompression bomb"),
+    ("blank.png", "blank image"),
+    ("missing.png", "no such file"),
+])
+def test_bad_inputs_get_clear_errors(inputs, name, reason):
+    with pytest.raises(predict.ImageError, match=reason):
+        predict.prepare(inputs / name)
+
+
+def test_cli_answers_good_files_reports_bad_ones_and_fails(exported, inputs, capsys):
+    _, folder = exported
+    files = [inputs / n for n in ("good.png", "notes.txt", "good.jpg", "bomb.png")]
+    code = predict.main([*map(str, files), "--model", str(folder / "model.onnx"), "--top-k", "3"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(files[0]), str(files[2])]
+    assert all(line.count("%)") == 3 for line in lines)
+    assert f"{files[1]}: error: not an image" in err and f"{files[3]}: error:" in err
+
+
+def test_json_lines_schema(exported, inputs, capsys):
+    _, folder = exported
+    code = predict.main([str(inputs / "good.png"), str(inputs / "empty.png"), "--json", "--top-k", "2",
+                         "--model", str(folder / "model.pt2")])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1
+    good, bad = records
+    assert set(good) == {"file", "prediction", "confidence", "top_k", "probabilities"}
+    assert set(good["probabilities"]) == set("0123456789")
+    assert sum(good["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert good["prediction"] == good["top_k"][0]["class"] and len(good["top_k"]) == 2
+    assert good["confidence"] == good["probabilities"][good["prediction"]]
+    assert bad == {"file": str(inputs / "empty.png"), "error": "empty file"}
+
+
+def test_missing_model_is_a_usage_error(inputs, capsys):
+    assert predict.main([str(inputs / "good.png"), "--model", str(inputs / "nope.onnx")]) == 2
+    assert "run `dvc repro`" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_importing_torch(exported, inputs):
+    _, folder = exported
+    script = shutil.which("mnist-predict", path=str(BIN))
+    assert script, "mnist-predict is installed with the project"
+    result = subprocess.run([script, str(inputs / "good.png"), "--model", str(folder / "model.onnx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{inputs / 'good.png'}: ")
+    probe = ("import sys; from mnist_pipeline import predict; "
+             f"code = predict.main([{str(inputs / 'good.png')!r}, '--model', {str(folder / 'model.onnx')!r}]); "
+             "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
