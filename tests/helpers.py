@@ -5,14 +5,22 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from mnist_pipeline.datasets import DATASETS
 
 SPEC = DATASETS["mnist"]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DVC = shutil.which("dvc", path=str(BIN)) or shutil.which("dvc")
 
 
 def idx_bytes(tensor: torch.Tensor) -> bytes:
@@ -54,3 +62,45 @@ def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int 
     checksums = folder.parent / f"{folder.name}-checksums.json"
     checksums.write_text(json.dumps(pins))
     return checksums
+
+
+# ---------------------------------------------------------------- a git copy of the repository for dvc runs
+
+
+def output_roots() -> set[str]:
+    """Top-level folders of the pipeline's outputs, as dvc.yaml declares them."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])]
+    return {o.split("/")[0] for o in outs}
+
+
+def copy_repo(dest: Path) -> None:
+    """Source files as a fresh clone would have them (plus uncommitted edits), no pipeline outputs."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    skip = output_roots()
+    for name in filter(None, listed):
+        src = ROOT / name
+        if name.split("/")[0] in skip and not name.endswith(".gitignore"):
+            continue
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run(args: list[str], repo: Path, env: dict[str, str], check: bool = True, timeout: float = 600):
+    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
+    """Copy the repository into `repo`, commit it, and return the environment for dvc runs there."""
+    copy_repo(repo)
+    env = {**os.environ, **extra, "PYTHONPATH": str(repo), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run(args, repo, env)
+    return env

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import write_mirror
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-DVC = shutil.which("dvc", path=str(BIN)) or shutil.which("dvc")
+from helpers import DVC, git_repo_env, run, write_mirror
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
@@ -40,48 +31,15 @@ def merge(base: dict, changes: dict) -> dict:
     return base
 
 
-def output_roots() -> set[str]:
-    """Top-level folders of the pipeline's outputs, as dvc.yaml declares them."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    outs = [next(iter(o)) if isinstance(o, dict) else o for s in stages.values() for o in s.get("outs", [])]
-    return {o.split("/")[0] for o in outs}
-
-
-def copy_repo(dest: Path) -> None:
-    """Source files as a fresh clone would have them (plus uncommitted edits), no pipeline outputs."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    skip = output_roots()
-    for name in filter(None, listed):
-        src = ROOT / name
-        if name.split("/")[0] in skip and not name.endswith(".gitignore"):
-            continue
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
-def run(args: list[str], repo: Path, env: dict[str, str], check: bool = True, timeout: float = 600):
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     repo = work / "repo"
-    copy_repo(repo)
+    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
+    env = git_repo_env(repo, MNIST_MIRROR=str(work / "mirror"), MNIST_CHECKSUMS=str(checksums))
     params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
-    env = {**os.environ, "MNIST_MIRROR": str(work / "mirror"), "MNIST_CHECKSUMS": str(checksums),
-           "PYTHONPATH": str(repo), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "MNIST_DEVICE": "cpu", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        run(args, repo, env)
+    run(["git", "commit", "-qam", "tiny params"], repo, env)
     return repo, env
 
 

@@ -1,0 +1,29 @@
+"""The README's quick start is what users run and what CI runs: keep the three in step."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_quick_start_is_two_lines_install_and_run():
+    install_run, install_test = quick_start()
+    assert install_run == "pip install -r requirements.txt && dvc repro"
+    assert install_test.startswith("pip install -r requirements-dev.txt && ")
+
+
+def test_ci_runs_the_readme_test_line():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert quick_start()[1] in [line.strip() for line in ci]
+
+
+def test_requirements_pin_torch_and_install_the_project():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "torch==2.14.1" in lines and "torchvision==0.29.1" in lines and "-e ." in lines
+    assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()

@@ -1,0 +1,110 @@
+"""Real MNIST through the real pipeline: the accuracy floors, byte-identical reruns, mnist-predict.
+
+Runs only with MNIST_MIRROR set (CI points it at its local copy of the four files):
+    MNIST_MIRROR=/path/to/mnist pytest -m realdata
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from helpers import DVC, git_repo_env, run
+from mnist_pipeline import predict
+from mnist_pipeline.data import load_split
+
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not os.environ.get("MNIST_MIRROR"), reason="set MNIST_MIRROR to run on real MNIST"),
+    pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
+]
+
+BYTE_IDENTICAL = ("data/processed", "models/checkpoint.pt", "metrics/eval.json", "plots/confusion.json",
+                  "models/export")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("real") / "repo"
+    env = git_repo_env(repo)
+    return repo, env
+
+
+def metrics(repo: Path, name: str) -> dict:
+    return json.loads((repo / "metrics" / name).read_text())
+
+
+def lock_hashes(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def test_default_mlp(project):
+    repo, env = project
+    run([DVC, "repro"], repo, env)
+    stats = json.loads((repo / "data/processed/stats.json").read_text())
+    assert stats["counts"] == {"train": 55_000, "val": 5_000, "test": 10_000}
+    assert metrics(repo, "eval.json")["accuracy"] >= 0.985
+    export = metrics(repo, "export.json")
+    assert all(r["top1_agreement"] == 1.0 and r["max_abs_logit_diff"] <= 1e-4 for r in export.values())
+    assert "Running stage" not in run([DVC, "repro"], repo, env).stdout
+
+
+def test_forced_rerun_is_byte_identical(project):
+    repo, env = project
+    before = lock_hashes(repo)
+    run([DVC, "repro", "-f"], repo, env)
+    after = lock_hashes(repo)
+    for path in BYTE_IDENTICAL:
+        assert before[path] == after[path], path
+
+
+def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
+    repo, env = project
+    images, labels = load_split(repo / "data/processed/test.pt")
+    model = predict.load_model(repo / "models/export/model.onnx")
+    from mnist_pipeline import checkpoint
+    from mnist_pipeline.engine import predict_logits
+    ckpt = checkpoint.load_checkpoint(repo / "models/checkpoint.pt")
+    norm = ckpt["normalisation"]
+    evaluated = predict_logits(checkpoint.model_from_checkpoint(ckpt), images, norm["mean"], norm["std"], 1000,
+                               torch.device("cpu")).argmax(1).numpy()
+    plain = []
+    for i, image in enumerate(images.numpy()):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        plain.append(predict.prepare(tmp_path / f"{i}.png"))
+    agreement = (model.probabilities(np.stack(plain)).argmax(1) == evaluated).mean()
+    assert agreement >= 0.995
+
+    # Digits as people make them: dark ink on tinted paper, larger canvas, off centre, colour JPEG.
+    rng = np.random.default_rng(0)
+    n = 2000
+    drawn = []
+    for i in range(n):
+        ink = Image.fromarray(255 - images[i].numpy()).resize((84, 84), Image.Resampling.BICUBIC)
+        page = Image.new("RGB", (200, 160), (235, 230, 220))
+        page.paste(Image.merge("RGB", [ink] * 3), (int(rng.integers(0, 110)), int(rng.integers(0, 70))))
+        page.save(tmp_path / f"{i}.jpg", quality=90)
+        drawn.append(predict.prepare(tmp_path / f"{i}.jpg"))
+    drawn_acc = (model.probabilities(np.stack(drawn)).argmax(1) == labels[:n].numpy()).mean()
+    test_acc = (evaluated[:n] == labels[:n].numpy()).mean()
+    assert drawn_acc >= test_acc - 0.02
+
+
+def test_cnn_experiment(project):
+    repo, env = project
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+    run([DVC, "exp", "run", "-S", "model=cnn", "-n", "cnn"], repo, env)
+    result = metrics(repo, "eval.json")
+    assert result["params"] <= 20_000
+    assert result["accuracy"] >= 0.994
+    diff = json.loads(run([DVC, "metrics", "diff", "--json"], repo, env).stdout)
+    assert diff["metrics/eval.json"]["accuracy"]["diff"] > 0

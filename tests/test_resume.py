@@ -1,0 +1,109 @@
+"""Crash and resume the real train stage: the result must be byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import write_mirror
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("checkpoint", "metrics", "history")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("resume")
+    write_mirror(work / "raw", n_train=1200, n_test=50)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["val_size"] = 100
+    params["mlp"] = {"hidden": [256], "dropout": 0.1}
+    params["train"].update(epochs=6, batch_size=32, ema=0.99)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"), str(work / "data"),
+                    "--params", str(work / "params.yaml")], check=True, capture_output=True)
+    return work
+
+
+def train_command(work: Path, out: str, params: str = "params.yaml") -> list[str]:
+    o = work / out
+    return [sys.executable, str(ROOT / "stages/train.py"), str(work / "data"), "--params", str(work / params),
+            "--checkpoint", str(o / "model.pt"), "--metrics", str(o / "train.json"),
+            "--history", str(o / "history.csv"), "--timing", str(o / "timing.json"),
+            "--live", str(o / "live"), "--state-dir", str(work / "state")]
+
+
+def outputs(work: Path, out: str) -> dict[str, bytes]:
+    return {name: (work / out / name).read_bytes() for name in ("model.pt", "train.json", "history.csv")}
+
+
+def start_and_stop_after(work: Path, out: str, epochs: int, sig: int) -> subprocess.Popen:
+    """Start training; once the saved state has `epochs` finished epochs, send `sig`."""
+    proc = subprocess.Popen(train_command(work, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        for state in (work / "state").glob("*.pt"):
+            try:
+                done = torch.load(state, weights_only=True)["state"]["epoch"]
+            except Exception:  # replaced while reading: look again
+                continue
+            if done >= epochs:
+                proc.send_signal(sig)
+                proc.wait(60)
+                return proc
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("training finished or hung before it could be interrupted")
+
+
+@pytest.fixture(scope="module")
+def clean(setup):
+    """An uninterrupted run: the reference every resumed run must match byte for byte."""
+    result = subprocess.run(train_command(setup, "clean"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" not in result.stdout
+    assert not list((setup / "state").glob("*.pt")), "a finished run removes its state"
+    return outputs(setup, "clean")
+
+
+def test_sigkill_then_resume_is_byte_identical(setup, clean):
+    work = setup
+
+    killed = start_and_stop_after(work, "crashed", epochs=2, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (work / "crashed" / "model.pt").exists()
+
+    # State saved for other params is never picked up ...
+    other = yaml.safe_load((work / "params.yaml").read_text())
+    other["train"]["lr"] = 0.05
+    (work / "other.yaml").write_text(yaml.safe_dump(other))
+    different = subprocess.run(train_command(work, "other", "other.yaml"), capture_output=True, text=True)
+    assert different.returncode == 0 and "resuming" not in different.stdout
+
+    # ... while the same params continue where the crash left off.
+    resumed = subprocess.run(train_command(work, "crashed"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    done = int(resumed.stdout.split("resuming after epoch ")[1].split()[0])
+    assert 2 <= done < 6
+    assert f"epoch   {done + 1}/6" in resumed.stdout and f"epoch   {done}/6" not in resumed.stdout
+    assert outputs(work, "crashed") == clean
+    assert outputs(work, "other")["model.pt"] != clean["model.pt"]
+
+
+def test_ctrl_c_exits_cleanly_and_keeps_state(setup, clean):
+    work = setup
+    stopped = start_and_stop_after(work, "interrupted", epochs=1, sig=signal.SIGINT)
+    assert stopped.returncode == 130
+    err = stopped.stderr.read()
+    assert "interrupted: the state after epoch" in err and "Traceback" not in err
+    assert list((work / "state").glob("*.pt"))
+    resumed = subprocess.run(train_command(work, "interrupted"), capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming after epoch" in resumed.stdout
+    assert outputs(work, "interrupted") == clean
