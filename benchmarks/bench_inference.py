@@ -1,0 +1,84 @@
+"""Inference speed: PyTorch eager against onnxruntime, and mnist-predict's cold start.
+
+    python benchmarks/bench_inference.py        # needs the pipeline's outputs (dvc repro)
+
+- throughput over the 10,000 test images (batches of 1,000, and batch 1 on 1,000 images),
+  median of 5 runs, for the checkpoint in eager PyTorch and the exported ONNX model;
+- cold start: wall time of `mnist-predict one.png` as a fresh process (median of 5),
+  against the bare `python -c "import torch"` that any PyTorch-based CLI pays first.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+import common
+from mnist_pipeline import checkpoint
+from mnist_pipeline.data import normalise
+
+
+def throughput(run, x: np.ndarray, batch: int) -> float:
+    def once():
+        for i in range(0, len(x), batch):
+            run(x[i : i + batch])
+    return len(x) / common.median_time(once)
+
+
+def wall(cmd: list[str], repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))  # the first run warms the OS file cache
+
+
+def main() -> None:
+    ckpt_path = common.ROOT / "models" / "checkpoint.pt"
+    onnx_path = common.ROOT / "models" / "export" / "model.onnx"
+    if not onnx_path.exists():
+        sys.exit("run `dvc repro` first: this benchmark uses models/checkpoint.pt and models/export/model.onnx")
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
+    model = checkpoint.model_from_checkpoint(ckpt)
+    images, _ = common.processed()["test"]
+    x = normalise(images, ckpt["normalisation"]["mean"], ckpt["normalisation"]["std"]).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def eager(batch: np.ndarray) -> None:
+        with torch.inference_mode():
+            model(torch.from_numpy(batch))
+
+    def onnx(batch: np.ndarray) -> None:
+        session.run(None, {"image": batch})
+
+    results: dict = {"model": ckpt["model"], "throughput_images_per_second": {}}
+    for label, batch, data in (("batch_1000", 1000, x), ("batch_1", 1, x[:1000])):
+        ours, theirs = throughput(onnx, data, batch), throughput(eager, data, batch)
+        results["throughput_images_per_second"][label] = {"onnxruntime": round(ours), "pytorch_eager": round(theirs),
+                                                          "ratio": round(ours / theirs, 2)}
+        print(f"{label}: onnxruntime {ours:,.0f} img/s, PyTorch eager {theirs:,.0f} img/s ({ours / theirs:.2f}×)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        digit = Path(tmp) / "digit.png"
+        Image.fromarray(255 - images[0].numpy()).resize((140, 140)).save(digit)
+        predict_cmd = [shutil.which("mnist-predict") or "mnist-predict", str(digit), "--model", str(onnx_path)]
+        cold = wall(predict_cmd)
+        torch_import = wall([sys.executable, "-c", "import torch"])
+    results["cold_start_seconds"] = {"mnist_predict": round(cold, 3), "python_import_torch": round(torch_import, 3),
+                                     "ratio": round(torch_import / cold, 2)}
+    print(f"cold start: mnist-predict {cold:.2f} s; `import torch` alone {torch_import:.2f} s")
+    common.save("inference", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared helpers for the benchmarks: machine description, data, timing, results.
+
+Every benchmark compares against a baseline measured in the same run (this machine is
+shared and noisy), reports medians over repeats and ratios, and writes
+benchmarks/results/<name>.json; `python benchmarks/report.py` turns them into
+benchmarks/results/results.md and the README's results table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mnist_pipeline.data import load_split
+from mnist_pipeline.fileio import write_json
+from mnist_pipeline.params import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def processed() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    folder = ROOT / "data" / "processed"
+    if not (folder / "train.pt").exists():
+        sys.exit("benchmarks read the processed DVC outputs: run `MNIST_MIRROR=... dvc repro preprocess` first")
+    return {split: load_split(folder / f"{split}.pt") for split in ("train", "val", "test")}
+
+
+def stats() -> dict[str, float]:
+    return json.loads((ROOT / "data" / "processed" / "stats.json").read_text())
+
+
+def defaults() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save(name: str, results: dict[str, object]) -> Path:
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"benchmark": name, "commit": git_rev(), "machine": machine(), **results})
+    print(f"→ {path.relative_to(ROOT)}")
+    return path

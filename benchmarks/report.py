@@ -1,0 +1,82 @@
+"""Render benchmarks/results/*.json as results/results.md and the README's results section.
+
+    python benchmarks/report.py
+
+The README's table lies between the `<!-- results:start -->` and `<!-- results:end -->`
+markers and is replaced wholesale, so it always shows what the benchmarks measured.
+"""
+
+from __future__ import annotations
+
+import json
+
+import common
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = common.RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2%}"
+
+
+def secs(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f} s"
+
+
+def render() -> str:
+    train, dvc, inference, sweep = load("train"), load("dvc"), load("inference"), load("sweep")
+    any_result = next(r for r in (train, dvc, inference, sweep) if r)
+    m = any_result["machine"]
+    lines = [f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+             f"Python {m['python']}, torch {m['torch']}, no GPU. Regenerate with the commands in "
+             "`benchmarks/` and `python benchmarks/report.py`.", ""]
+    lines += ["| model | params | test accuracy (seed 42) | 3-seed mean ± std | train stage | full `dvc repro` |",
+              "|---|---|---|---|---|---|"]
+    for model in ("mlp", "cnn"):
+        d = (dvc or {}).get("metrics", {}).get(model, {})
+        s = (sweep or {}).get("experiments", {}).get(model)
+        lines.append(f"| {model} | {d.get('params', '–'):,} | {pct(d.get('test_accuracy'))} | "
+                     f"{f'{s['mean']:.2%} ± {s['std']:.2%}' if s else '–'} | {secs(d.get('train_seconds'))} | "
+                     f"{secs((dvc or {}).get('full_repro_seconds', {}).get(model))} |")
+    if train:
+        lines += ["", f"Training loop against a tutorial per-sample DataLoader (same model and recipe, same run; "
+                      f"fp32 matmul rate measured at {train['matmul_gflops']} GFLOP/s):", "",
+                  "| model | s/epoch (ours) | s/epoch (tutorial) | speed-up | images/s (ours) | time to target val accuracy "
+                  "| train FLOPs/image | share of matmul rate |", "|---|---|---|---|---|---|---|---|"]
+        for model, e in train["models"].items():
+            targets = ", ".join(f"{float(k.rsplit('_', 1)[1]):.1%}: {secs(v)}" for k, v in e["project"].items()
+                                if k.startswith("seconds_to"))
+            lines.append(f"| {model} | {e['project']['seconds_per_epoch']:.2f} | {e['baseline']['seconds_per_epoch']:.2f} "
+                         f"| {e['epoch_speedup']:.1f}× | {e['project']['images_per_second']:,.0f} | {targets} | "
+                         f"{e['train_flops_per_image'] / 1e6:.1f} M | {e['fraction_of_matmul_rate']:.0%} |")
+    if inference:
+        t, c = inference["throughput_images_per_second"], inference["cold_start_seconds"]
+        lines += ["", f"Inference ({inference['model']}): onnxruntime {t['batch_1000']['onnxruntime']:,} img/s vs "
+                      f"PyTorch eager {t['batch_1000']['pytorch_eager']:,} img/s in batches of 1,000 "
+                      f"({t['batch_1000']['ratio']}×); batch 1: {t['batch_1']['onnxruntime']:,} vs "
+                      f"{t['batch_1']['pytorch_eager']:,} img/s. `mnist-predict` on one image: "
+                      f"{c['mnist_predict']:.2f} s cold start (a bare `import torch` takes {c['python_import_torch']:.2f} s)."]
+    if dvc:
+        lines += ["", f"No-op `dvc repro`: {dvc['noop_repro_seconds']:.2f} s (`dvc version` alone: "
+                      f"{dvc['dvc_version_seconds']:.2f} s)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    body = render()
+    (common.RESULTS / "results.md").write_text("# Benchmark results\n\n" + body)
+    readme = common.ROOT / "README.md"
+    text = readme.read_text()
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""A 3-seed sweep per model with `dvc exp run --queue`, summarised as mean ± std.
+
+    MNIST_MIRROR=/path/to/mnist python benchmarks/seed_sweep.py          # queue, run, summarise
+    python benchmarks/seed_sweep.py --summarise-only                     # just read `dvc exp show`
+
+Each experiment changes `seed` (which drives the train/val split, initialisation, batch
+order and augmentation) and `model`; the test set is never used to choose anything.
+The summary is read from `dvc exp show --json`, so it also works on experiments you
+queued yourself, and is written to benchmarks/results/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import common
+
+DVC = "dvc"
+
+
+def dvc(*args: str) -> str:
+    result = subprocess.run([DVC, *args], cwd=common.ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def experiments(shown: list[dict]) -> list[dict]:
+    """Flatten `dvc exp show --json` into {name, params, metrics} rows of finished experiments."""
+    rows = []
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                metrics = ((data.get("metrics") or {}).get("metrics/eval.json") or {}).get("data") or {}
+                if metrics and params:
+                    rows.append({"name": rev.get("name") or exp.get("name"), "params": params, "metrics": metrics})
+    return rows
+
+
+def summarise(rows: list[dict], prefix: str) -> dict[str, dict]:
+    table: dict[str, dict] = {}
+    for row in rows:
+        if not str(row["name"]).startswith(prefix):
+            continue
+        entry = table.setdefault(row["params"]["model"], {"seeds": [], "accuracy": [], "params": None})
+        entry["seeds"].append(row["params"]["seed"])
+        entry["accuracy"].append(row["metrics"]["accuracy"])
+        entry["params"] = row["metrics"]["params"]
+    for entry in table.values():
+        acc = entry["accuracy"]
+        entry["mean"] = round(statistics.mean(acc), 5)
+        entry["std"] = round(statistics.stdev(acc), 5) if len(acc) > 1 else 0.0
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--prefix", default="sweep-", help="experiment name prefix")
+    parser.add_argument("--summarise-only", action="store_true")
+    args = parser.parse_args()
+    if not args.summarise_only:
+        for model in args.models:
+            for seed in args.seeds:
+                dvc("exp", "run", "--queue", "-S", f"model={model}", "-S", f"seed={seed}",
+                    "-n", f"{args.prefix}{model}-{seed}")
+        dvc("queue", "start", "-j", "1")  # one at a time: each already uses every core
+        while any(state in dvc("queue", "status") for state in ("Queued", "Running")):
+            time.sleep(10)
+    table = summarise(experiments(json.loads(dvc("exp", "show", "--json"))), args.prefix)
+    for model, entry in table.items():
+        print(f"{model}: {entry['params']:,} params, test accuracy {entry['mean']:.4f} ± {entry['std']:.4f} "
+              f"over seeds {entry['seeds']}: {entry['accuracy']}")
+    common.save("sweep", {"experiments": table})
+
+
+if __name__ == "__main__":
+    main()
