@@ -40,9 +40,9 @@ def render() -> str:
     for model in ("mlp", "cnn"):
         d = (dvc or {}).get("metrics", {}).get(model, {})
         s = (sweep or {}).get("experiments", {}).get(model)
-        lines.append(f"| {model} | {d.get('params', '–'):,} | {pct(d.get('test_accuracy'))} | "
-                     f"{f'{s['mean']:.2%} ± {s['std']:.2%}' if s else '–'} | {secs(d.get('train_seconds'))} | "
-                     f"{secs((dvc or {}).get('full_repro_seconds', {}).get(model))} |")
+        spread = f"{s['mean']:.2%} ± {s['std']:.2%}" if s else "–"
+        lines.append(f"| {model} | {d.get('params', '–'):,} | {pct(d.get('test_accuracy'))} | {spread} | "
+                     f"{secs(d.get('train_seconds'))} | {secs((dvc or {}).get('full_repro_seconds', {}).get(model))} |")
     if train:
         lines += ["", f"Training loop against a tutorial per-sample DataLoader (same model and recipe, same run; "
                       f"fp32 matmul rate measured at {train['matmul_gflops']} GFLOP/s):", "",

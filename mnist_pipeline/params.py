@@ -8,6 +8,7 @@ silently ignored while the default `lr` trains the model.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
@@ -219,6 +220,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_params(data)
+
+
+def stage_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser every stage script starts from: its summary line and `--params`."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+    return parser
 
 
 def load_params_or_exit(path: str | Path = "params.yaml") -> Params:

@@ -7,18 +7,16 @@ Environment: MNIST_MIRROR, a folder or file:// / http(s):// URL tried before the
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from mnist_pipeline.datasets import DATASETS, DatasetError, download
-from mnist_pipeline.params import load_params_or_exit
+from mnist_pipeline.params import load_params_or_exit, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 

@@ -9,7 +9,6 @@ confusion.png, misclassified.png and curves.png.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,16 +20,15 @@ from mnist_pipeline.datasets import DatasetError
 from mnist_pipeline.engine import predict_logits, select_device
 from mnist_pipeline.fileio import write_json
 from mnist_pipeline.models import count_parameters
-from mnist_pipeline.params import load_params_or_exit
+from mnist_pipeline.params import load_params_or_exit, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data_dir", type=Path)
     for option in ("history", "metrics", "confusion", "plots"):
         parser.add_argument(f"--{option}", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 

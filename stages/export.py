@@ -9,7 +9,6 @@ any format disagrees with the checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,19 +18,18 @@ from mnist_pipeline.data import load_split, normalise
 from mnist_pipeline.datasets import DatasetError
 from mnist_pipeline.fileio import sha256_file, write_json
 from mnist_pipeline.models import count_parameters
-from mnist_pipeline.params import load_params_or_exit
+from mnist_pipeline.params import load_params_or_exit, stage_parser
 
 INPUT_SPEC = "float32 N×1×28×28: grayscale, white digit on black, (pixel/255 - mean) / std; output N×10 logits"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("test", type=Path)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--eval", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 

@@ -9,21 +9,19 @@ The same raw files and params give byte-identical outputs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from mnist_pipeline.data import normalisation_stats, save_split, stratified_split
 from mnist_pipeline.datasets import DATASETS, DatasetError, read_split
 from mnist_pipeline.fileio import write_json
-from mnist_pipeline.params import load_params_or_exit
+from mnist_pipeline.params import load_params_or_exit, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 

@@ -12,7 +12,6 @@ Environment: MNIST_DEVICE=cpu|cuda|mps overrides the detected device.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from mnist_pipeline.data import load_split
 from mnist_pipeline.datasets import DatasetError
 from mnist_pipeline.engine import Trainer, TrainingDiverged, seed_everything, select_device
 from mnist_pipeline.fileio import atomic_path, write_json, write_torch
-from mnist_pipeline.params import as_dict, load_params_or_exit
+from mnist_pipeline.params import as_dict, load_params_or_exit, stage_parser
 
 TRAINING_CODE = [Path(m.__file__) for m in (checkpoint, data, engine, models)] + [Path(__file__)]
 
@@ -39,11 +38,10 @@ def log_epoch(live: Live, stats: engine.EpochStats) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__)
     parser.add_argument("data_dir", type=Path)
     for option in ("checkpoint", "metrics", "history", "timing", "live", "state_dir"):
         parser.add_argument(f"--{option.replace('_', '-')}", type=Path, required=True)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
     params = load_params_or_exit(args.params)
 
