@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import struct
@@ -224,7 +225,9 @@ def download_file(
                 failures.append(f"{url}: {exc}")
                 log(f"{url}: {exc}; trying the next source")
                 break
-            except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+            except (OSError, ValueError, http.client.HTTPException) as exc:
+                # URLError, HTTPError and timeouts are OSErrors; a server hanging up mid-body
+                # raises http.client.IncompleteRead.
                 reason = getattr(exc, "reason", None) or exc
                 if _is_permanent(exc) or attempt == retries:
                     failures.append(f"{url}: {reason}")

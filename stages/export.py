@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "input": INPUT_SPEC,
         "training_params": ckpt["params"],
         "training_data_sha256": ckpt["data"],
-        "best_epoch": ckpt["best"],
+        "best_validation": ckpt["best"],
         "files_sha256": files,
         "parity": report,
     })
