@@ -68,10 +68,13 @@ def main() -> None:
     parser.add_argument("--summarise-only", action="store_true")
     args = parser.parse_args()
     if not args.summarise_only:
-        for model in args.models:
-            for seed in args.seeds:
-                dvc("exp", "run", "--queue", "-S", f"model={model}", "-S", f"seed={seed}",
-                    "-n", f"{args.prefix}{model}-{seed}")
+        planned = [(model, seed, f"{args.prefix}{model}-{seed}") for model in args.models for seed in args.seeds]
+        existing = {row["name"] for row in experiments(json.loads(dvc("exp", "show", "--json")))}
+        stale = [name for _, _, name in planned if name in existing]
+        if stale:  # an earlier sweep: replace it rather than fail on the names
+            dvc("exp", "remove", *stale)
+        for model, seed, name in planned:
+            dvc("exp", "run", "--queue", "-S", f"model={model}", "-S", f"seed={seed}", "-n", name)
         dvc("queue", "start", "-j", "1")  # one at a time: each already uses every core
         while any(state in dvc("queue", "status") for state in ("Queued", "Running")):
             time.sleep(10)
