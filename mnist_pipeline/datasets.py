@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import socket
 import struct
 import time
 import urllib.error
@@ -188,8 +189,11 @@ def _is_permanent(exc: Exception) -> bool:
     """Errors that another attempt at the same source will not fix."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code < 500 and exc.code != 429
-    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, (FileNotFoundError, PermissionError)):
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, (FileNotFoundError, PermissionError)):
         return True
+    if isinstance(reason, socket.gaierror) and reason.errno != socket.EAI_AGAIN:
+        return True  # an unknown host stays unknown; only "temporary failure" is worth a retry
     return isinstance(exc, (FileNotFoundError, PermissionError, ValueError))
 
 

@@ -197,3 +197,17 @@ def test_http_truncated_mirror_is_skipped_and_503_is_retried(tmp_path, http_mirr
     assert any("truncated" in line for line in logs)
     assert any("retrying" in line for line in logs)
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(f.name for f in SPEC.files)
+
+
+def test_which_failures_are_retried():
+    import socket
+    import urllib.error
+
+    from mnist_pipeline.datasets import _is_permanent
+
+    unknown_host = urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+    dns_hiccup = urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))
+    assert _is_permanent(unknown_host) and not _is_permanent(dns_hiccup)
+    assert _is_permanent(urllib.error.HTTPError("u", 404, "Not Found", {}, None))
+    assert not _is_permanent(urllib.error.HTTPError("u", 503, "Unavailable", {}, None))
+    assert not _is_permanent(TimeoutError("timed out"))
