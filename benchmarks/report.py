@@ -35,7 +35,7 @@ def render() -> str:
     lines = [f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
              f"Python {m['python']}, torch {m['torch']}, no GPU. Regenerate with the commands in "
              "`benchmarks/` and `python benchmarks/report.py`.", ""]
-    lines += ["| model | params | test accuracy (seed 42) | 3-seed mean ± std | train stage | full `dvc repro` |",
+    lines += ["| model | params | test accuracy (seed 42) | seeds 1–3: mean ± std | training loop | full `dvc repro` |",
               "|---|---|---|---|---|---|"]
     for model in ("mlp", "cnn"):
         d = (dvc or {}).get("metrics", {}).get(model, {})

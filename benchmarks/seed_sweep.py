@@ -66,10 +66,16 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--prefix", default="sweep-", help="experiment name prefix")
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--rev", default="HEAD", help="the commit the experiments were run on (default HEAD)")
     args = parser.parse_args()
+    # `dvc exp show` lists the experiments of one baseline commit: pin it, so commits made
+    # while the queue runs do not hide the sweep.
+    baseline = subprocess.run(["git", "rev-parse", args.rev], cwd=common.ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    show = ["exp", "show", "--json", "--rev", baseline]
     if not args.summarise_only:
         planned = [(model, seed, f"{args.prefix}{model}-{seed}") for model in args.models for seed in args.seeds]
-        existing = {row["name"] for row in experiments(json.loads(dvc("exp", "show", "--json")))}
+        existing = {row["name"] for row in experiments(json.loads(dvc(*show)))}
         stale = [name for _, _, name in planned if name in existing]
         if stale:  # an earlier sweep: replace it rather than fail on the names
             dvc("exp", "remove", *stale)
@@ -78,11 +84,11 @@ def main() -> None:
         dvc("queue", "start", "-j", "1")  # one at a time: each already uses every core
         while any(state in dvc("queue", "status") for state in ("Queued", "Running")):
             time.sleep(10)
-    table = summarise(experiments(json.loads(dvc("exp", "show", "--json"))), args.prefix)
+    table = summarise(experiments(json.loads(dvc(*show))), args.prefix)
     for model, entry in table.items():
         print(f"{model}: {entry['params']:,} params, test accuracy {entry['mean']:.4f} ± {entry['std']:.4f} "
               f"over seeds {entry['seeds']}: {entry['accuracy']}")
-    common.save("sweep", {"experiments": table})
+    common.save("sweep", {"baseline": baseline, "experiments": table})
 
 
 if __name__ == "__main__":
