@@ -91,7 +91,7 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> N
         for j in range(cm.shape[1]):
             if cm[i, j]:
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if i == j else ("crimson" if cm[i, j] else "black"))
+                        color="white" if i == j else "crimson")
     ax.set_xticks(range(len(classes)), classes, rotation=45 if max(map(len, classes)) > 2 else 0)
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")

@@ -1,5 +1,6 @@
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from mnist_pipeline import checkpoint
 from mnist_pipeline.engine import Trainer, TrainingDiverged, predict_logits, seed_everything, select_device
 from mnist_pipeline.fileio import write_torch
 from mnist_pipeline.models import CNN, MLP, build_model, count_parameters
+from mnist_pipeline.params import load_params
 
 CPU = torch.device("cpu")
 
@@ -29,10 +31,8 @@ def test_models_return_logits_and_count_parameters(name, kwargs, expected):
     assert count_parameters(model) == expected
 
 
-def test_default_cnn_is_under_20k_parameters(params):
-    from mnist_pipeline.params import load_params
-    from conftest import ROOT
-    defaults = load_params(ROOT / "params.yaml")
+def test_default_cnn_is_under_20k_parameters():
+    defaults = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert count_parameters(build_model("cnn", **dataclasses.asdict(defaults.cnn))) <= 20_000
 
 
