@@ -3,7 +3,8 @@
 Both formats take a float batch N×1×28×28 already normalised and return N×10
 logits, with a dynamic batch dimension. The normalisation, class names and model
 name travel inside each file (ONNX metadata_props; a `model.json` extra file in the
-.pt2), so `mnist-predict` needs nothing but the exported file.
+.pt2), so `mnist-predict` needs nothing but the exported file; parity is checked by
+loading each file exactly as `mnist-predict` does (`predict.load_model`).
 
 TorchScript is deprecated in torch 2.14 and is not offered.
 """
@@ -20,10 +21,10 @@ import torch
 from torch import nn
 
 from mnist_pipeline.fileio import write_bytes
+from mnist_pipeline.predict import PT2_METADATA
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
-PT2_METADATA = "model.json"
 
 
 class ParityError(RuntimeError):
@@ -53,22 +54,6 @@ def export_pt2(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={PT2_METADATA: json.dumps(metadata)})
     write_bytes(path, buffer.getvalue())
-
-
-def run_onnx(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0]
-
-
-def run_pt2(path: Path, x: np.ndarray) -> np.ndarray:
-    program = torch.export.load(str(path))
-    with torch.no_grad():
-        return program.module()(torch.from_numpy(x)).numpy()
-
-
-RUNNERS = {"onnx": run_onnx, "pt2": run_pt2}
 
 
 def parity(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:

@@ -31,6 +31,7 @@ MAX_PIXELS = 64_000_000  # larger than any camera photo; bigger files are treate
 INK_THRESHOLD = 0.1  # after contrast stretch: fainter pixels are paper texture, not ink
 MIN_CONTRAST = 0.15  # less than this between paper and ink: nothing is written
 BOX, CANVAS = 20, 28  # MNIST: digit fitted into 20×20, centred by mass in 28×28
+PT2_METADATA = "model.json"  # the extra file of a .pt2 export that holds its metadata
 
 
 class ImageError(ValueError):
@@ -138,11 +139,16 @@ class Model:
         return e / e.sum(1, keepdims=True)
 
 
+def model_metadata(model: str, classes: list[str], mean: float, std: float, input_spec: str) -> dict[str, str]:
+    """What an exported file carries so that `load_model` needs nothing else (strings: ONNX metadata_props)."""
+    return {"model": model, "classes": json.dumps(classes), "mean": repr(mean), "std": repr(std), "input": input_spec}
+
+
 def _from_metadata(meta: dict[str, str], run, path: Path) -> Model:
     try:
         return Model(run, json.loads(meta["classes"]), float(meta["mean"]), float(meta["std"]))
     except (KeyError, ValueError) as exc:
-        raise ImageError(f"{path}: not a model exported by this pipeline (missing metadata {exc})") from None
+        raise ValueError(f"{path}: not a model exported by this pipeline (missing metadata {exc})") from None
 
 
 def load_model(path: Path) -> Model:
@@ -158,7 +164,7 @@ def load_model(path: Path) -> Model:
     if path.suffix == ".pt2":
         import torch  # only this format needs it
 
-        extra = {"model.json": ""}
+        extra = {PT2_METADATA: ""}
         program = torch.export.load(str(path), extra_files=extra)
         module = program.module()
 
@@ -166,7 +172,7 @@ def load_model(path: Path) -> Model:
             with torch.no_grad():
                 return module(torch.from_numpy(x)).numpy()
 
-        return _from_metadata(json.loads(extra["model.json"] or "{}"), run, path)
+        return _from_metadata(json.loads(extra[PT2_METADATA] or "{}"), run, path)
     raise ValueError(f"{path}: expected a .onnx or .pt2 model")
 
 
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)
-    except (FileNotFoundError, ValueError, ImageError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # onnxruntime / torch refuse a corrupt file with their own types

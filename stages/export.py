@@ -19,6 +19,7 @@ from mnist_pipeline.datasets import DatasetError
 from mnist_pipeline.fileio import sha256_file, write_json
 from mnist_pipeline.models import count_parameters
 from mnist_pipeline.params import load_params_or_exit, stage_parser
+from mnist_pipeline.predict import load_model, model_metadata
 
 INPUT_SPEC = "float32 N×1×28×28: grayscale, white digit on black, (pixel/255 - mean) / std; output N×10 logits"
 
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = checkpoint.model_from_checkpoint(ckpt)
     norm = ckpt["normalisation"]
-    metadata = {"model": ckpt["model"], "classes": json.dumps(ckpt["classes"]),
-                "mean": repr(norm["mean"]), "std": repr(norm["std"]), "input": INPUT_SPEC}
+    metadata = model_metadata(ckpt["model"], ckpt["classes"], norm["mean"], norm["std"], INPUT_SPEC)
     x = normalise(images[: params.export.parity_samples], norm["mean"], norm["std"])
     reference = model(x).detach().numpy()
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             export.export_onnx(model, path, params.export.opset, metadata)
         else:
             export.export_pt2(model, path, metadata)
-        report[fmt] = export.parity(reference, export.RUNNERS[fmt](path, x.numpy()))
+        report[fmt] = export.parity(reference, load_model(path).run(x.numpy()))
         files[path.name] = sha256_file(path)
         print(f"{path}: max |Δlogit| {report[fmt]['max_abs_logit_diff']:.2e}, "
               f"top-1 agreement {report[fmt]['top1_agreement']:.4f} on {report[fmt]['samples']} test images")

@@ -16,7 +16,7 @@ from mnist_pipeline import export, predict
 from mnist_pipeline.models import CNN
 
 BIN = Path(sys.executable).parent
-META = {"model": "cnn", "classes": json.dumps(list("0123456789")), "mean": "0.13", "std": "0.31", "input": "test"}
+META = predict.model_metadata("cnn", list("0123456789"), 0.13, 0.31, "test")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def exported(tmp_path_factory):
 def test_export_parity_and_dynamic_batch(exported, fmt):
     model, folder = exported
     x = torch.randn(37, 1, 28, 28)
-    out = export.RUNNERS[fmt](folder / export.FILE_NAMES[fmt], x.numpy())
+    loaded = predict.load_model(folder / export.FILE_NAMES[fmt])
+    assert (loaded.classes, loaded.mean, loaded.std) == (list("0123456789"), 0.13, 0.31)
+    out = loaded.run(x.numpy())
     report = export.parity(model(x).detach().numpy(), out)
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
     export.check_parity(report, fmt)
