@@ -49,9 +49,9 @@ def main() -> None:
     if not onnx_path.exists():
         sys.exit("run `dvc repro` first: this benchmark uses models/checkpoint.pt and models/export/model.onnx")
     ckpt = checkpoint.load_checkpoint(ckpt_path)
-    model = checkpoint.model_from_checkpoint(ckpt)
+    model = ckpt.build()
     images, _ = common.processed()["test"]
-    x = normalise(images, ckpt["normalisation"]["mean"], ckpt["normalisation"]["std"]).numpy()
+    x = normalise(images, ckpt.normalisation["mean"], ckpt.normalisation["std"]).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def eager(batch: np.ndarray) -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     def onnx(batch: np.ndarray) -> None:
         session.run(None, {"image": batch})
 
-    results: dict = {"model": ckpt["model"], "throughput_images_per_second": {}}
+    results: dict = {"model": ckpt.model, "throughput_images_per_second": {}}
     for label, batch, data in (("batch_1000", 1000, x), ("batch_1", 1, x[:1000])):
         ours, theirs = throughput(onnx, data, batch), throughput(eager, data, batch)
         results["throughput_images_per_second"][label] = {"onnxruntime": round(ours), "pytorch_eager": round(theirs),

@@ -17,7 +17,6 @@ For the default MLP and CNN of params.yaml:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import math
 import statistics
@@ -32,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import common
 from mnist_pipeline.data import stratified_split
 from mnist_pipeline.datasets import DATASETS
-from mnist_pipeline.engine import Trainer, make_optimizer, make_scheduler, predict_logits, seed_everything
+from mnist_pipeline.engine import Trainer, make_optimizer, make_schedule, predict_logits, seed_everything
 from mnist_pipeline.models import build_model, count_parameters
 
 TARGETS = {"mlp": (0.975,), "cnn": (0.99, 0.994)}
@@ -45,7 +44,7 @@ def matmul_gflops(n: int = 2048) -> float:
 
 
 def train_flops_per_image(name: str, params, batch: int = 256) -> float:
-    model = build_model(name, **dataclasses.asdict(getattr(params, name)))
+    model = build_model(name, **params.section(name))
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
@@ -54,8 +53,8 @@ def train_flops_per_image(name: str, params, batch: int = 256) -> float:
 
 def project_run(name: str, params, data, norm) -> dict:
     seed_everything(params.seed)
-    model = build_model(name, **dataclasses.asdict(getattr(params, name)))
-    trainer = Trainer(model, data["train"], data["val"], params.train, norm["mean"], norm["std"], params.seed,
+    model = build_model(name, **params.section(name))
+    trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, params.seed,
                       torch.device("cpu"))
     epochs, start = [], time.perf_counter()
     while not trainer.finished:
@@ -84,16 +83,16 @@ def baseline_run(name: str, params, data, norm, max_epochs: int) -> dict:
         aug = params.train.augment
         steps = [transforms.RandomAffine(aug.rotate, translate=(aug.shift / 28, aug.shift / 28),
                                          scale=(1 - aug.scale, 1 + aug.scale))] if aug.enabled else []
-        steps += [transforms.ToTensor(), transforms.Normalize((norm["mean"],), (norm["std"],))]
+        steps += [transforms.ToTensor(), transforms.Normalize((norm.mean,), (norm.std,))]
         full = datasets.MNIST(mnist_folder(Path(tmp)), train=True, download=False,
                               transform=transforms.Compose(steps))
         train_idx, _ = stratified_split(full.targets, params.data.val_size, params.seed)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, train_idx.tolist()),
                                              batch_size=params.train.batch_size, shuffle=True, num_workers=0)
-        model = build_model(name, **dataclasses.asdict(getattr(params, name)))
+        model = build_model(name, **params.section(name))
         tp = params.train
         optimizer = make_optimizer(model, tp)
-        scheduler = make_scheduler(optimizer, tp, math.ceil(len(train_idx) / tp.batch_size))
+        schedule = make_schedule(optimizer, tp, math.ceil(len(train_idx) / tp.batch_size))
         epochs, start = [], time.perf_counter()
         for epoch in range(1, max_epochs + 1):
             t0 = time.perf_counter()
@@ -103,11 +102,12 @@ def baseline_run(name: str, params, data, norm, max_epochs: int) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                schedule.after_batch()
             seconds = time.perf_counter() - t0
             val_x, val_y = data["val"]
-            acc = float((predict_logits(model, val_x, norm["mean"], norm["std"], 1000, torch.device("cpu"))
+            acc = float((predict_logits(model, val_x, norm.mean, norm.std, 1000, torch.device("cpu"))
                          .argmax(1) == val_y).double().mean())
+            schedule.after_epoch(acc)
             epochs.append({"epoch": epoch, "seconds": seconds, "elapsed": time.perf_counter() - start, "val_acc": acc})
     return {"epochs": epochs}
 
@@ -134,7 +134,7 @@ def main() -> None:
     print(f"fp32 matmul: {peak:.1f} GFLOP/s")
     results: dict = {"matmul_gflops": round(peak, 1), "models": {}}
     for name in ("mlp", "cnn"):
-        p = dataclasses.replace(params, model=name)
+        p = params.model_copy(update={"model": name})
         project = project_run(name, p, data, norm)
         baseline = baseline_run(name, p, data, norm, args.baseline_epochs)
         ours, theirs = summary(project, n_train, TARGETS[name]), summary(baseline, n_train, TARGETS[name])

@@ -8,7 +8,6 @@ benchmarks/results/results.md and the README's results table.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mnist_pipeline.data import load_split
+from mnist_pipeline.processed import SPLITS, Stats, load_split, load_stats
 from mnist_pipeline.fileio import write_json
 from mnist_pipeline.params import Params, load_params
 
@@ -56,11 +55,11 @@ def processed() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     folder = ROOT / "data" / "processed"
     if not (folder / "train.pt").exists():
         sys.exit("benchmarks read the processed DVC outputs: run `MNIST_MIRROR=... dvc repro preprocess` first")
-    return {split: load_split(folder / f"{split}.pt") for split in ("train", "val", "test")}
+    return {split: load_split(folder, split) for split in SPLITS}
 
 
-def stats() -> dict[str, float]:
-    return json.loads((ROOT / "data" / "processed" / "stats.json").read_text())
+def stats() -> Stats:
+    return load_stats(ROOT / "data" / "processed")
 
 
 def defaults() -> Params:

@@ -16,44 +16,46 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mnist_pipeline.errors import CheckpointError
 from mnist_pipeline.fileio import sha256_file, write_torch
 from mnist_pipeline.models import build_model
 
 FORMAT = "mnist-pipeline-checkpoint/1"
-REQUIRED_KEYS = ("format", "model", "model_kwargs", "state_dict", "normalisation", "classes", "params", "data")
 
 
-class CheckpointError(RuntimeError):
-    pass
+@dataclass(frozen=True)
+class Checkpoint:
+    model: str  # a key of models.MODELS
+    model_kwargs: dict[str, Any]  # its params section, as build_model takes it
+    state_dict: dict[str, torch.Tensor]
+    normalisation: dict[str, float]  # {"mean", "std"} of the train split, pixel/255 units
+    classes: list[str]
+    params: dict[str, Any]  # the params sections training read
+    data: dict[str, str]  # sha256 of the train and val split files
+    best: dict[str, Any]  # {"epoch", "val_acc", "val_loss"} of the kept epoch
 
+    def to_dict(self) -> dict[str, Any]:
+        # The key order is part of the file's bytes: keep it.
+        return {"format": FORMAT, "model": self.model, "model_kwargs": self.model_kwargs,
+                "state_dict": self.state_dict, "normalisation": self.normalisation, "classes": self.classes,
+                "params": self.params, "data": self.data, "best": self.best}
 
-def make_checkpoint(
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    state_dict: dict[str, torch.Tensor],
-    normalisation: dict[str, float],
-    classes: list[str],
-    params: dict[str, Any],
-    data: dict[str, str],
-    best: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "model": model_name,
-        "model_kwargs": model_kwargs,
-        "state_dict": state_dict,
-        "normalisation": normalisation,
-        "classes": classes,
-        "params": params,
-        "data": data,
-        "best": best,
-    }
+    def build(self) -> nn.Module:
+        """The model with its trained weights, in eval mode."""
+        try:
+            model = build_model(self.model, **self.model_kwargs)
+            model.load_state_dict(self.state_dict)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint does not rebuild its {self.model!r} model: {first}") from None
+        return model.eval()
 
 
 def _load(path: Path, what: str) -> Any:
@@ -69,20 +71,27 @@ def _load(path: Path, what: str) -> Any:
         ) from None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    ckpt = _load(path, "checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
+    write_torch(path, checkpoint.to_dict())
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    blob = _load(path, "checkpoint")
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (written by `stages/train.py`)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    fields = [f for f in Checkpoint.__dataclass_fields__]
+    missing = [k for k in fields if k not in blob]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    model = build_model(ckpt["model"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    norm = blob["normalisation"]
+    if not isinstance(norm, dict) or not all(isinstance(norm.get(k), float) for k in ("mean", "std")) \
+            or not norm["std"] > 0:
+        raise CheckpointError(f"{path}: checkpoint has invalid normalisation {norm!r}")
+    if not isinstance(blob["classes"], list) or not all(isinstance(c, str) for c in blob["classes"]):
+        raise CheckpointError(f"{path}: checkpoint has invalid classes {blob['classes']!r}")
+    if not isinstance(blob["state_dict"], dict) or not isinstance(blob["model_kwargs"], dict):
+        raise CheckpointError(f"{path}: checkpoint has no usable state_dict or model_kwargs")
+    return Checkpoint(**{k: blob[k] for k in fields})
 
 
 def data_hashes(paths: dict[str, Path]) -> dict[str, str]:
@@ -99,22 +108,24 @@ def fingerprint(params: dict[str, Any], data: dict[str, str], code_files: list[P
     return digest.hexdigest()
 
 
-def resume_path(folder: Path, key: str) -> Path:
-    return folder / f"{key[:20]}.pt"
+class ResumeStore:
+    """The saved training state for one fingerprint: `folder/<key[:20]>.pt`."""
 
+    def __init__(self, folder: Path, key: str):
+        self.key = key
+        self.path = folder / f"{key[:20]}.pt"
 
-def save_resume_state(folder: Path, key: str, state: dict[str, Any]) -> Path:
-    path = resume_path(folder, key)
-    write_torch(path, {"fingerprint": key, "state": state})
-    return path
+    def load(self) -> dict[str, Any] | None:
+        """The state saved for exactly this fingerprint, or None."""
+        if not self.path.exists():
+            return None
+        blob = _load(self.path, "resume state")
+        if not isinstance(blob, dict) or blob.get("fingerprint") != self.key:
+            return None
+        return blob["state"]
 
+    def save(self, state: dict[str, Any]) -> None:
+        write_torch(self.path, {"fingerprint": self.key, "state": state})
 
-def load_resume_state(folder: Path, key: str) -> dict[str, Any] | None:
-    """The state saved for exactly this fingerprint, or None."""
-    path = resume_path(folder, key)
-    if not path.exists():
-        return None
-    blob = _load(path, "resume state")
-    if not isinstance(blob, dict) or blob.get("fingerprint") != key:
-        return None
-    return blob["state"]
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

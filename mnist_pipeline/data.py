@@ -1,4 +1,4 @@
-"""Tracked tensors, the seeded stratified split, batching and augmentation.
+"""The seeded stratified split, normalisation, batching and augmentation.
 
 Data stays as uint8 tensors (N×28×28, 47 MB for all of MNIST) and is normalised on
 the fly; batches are slices of a seeded permutation and augmentation is one
@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mnist_pipeline.datasets import DatasetError
-from mnist_pipeline.fileio import write_torch
-
-SPLITS = ("train", "val", "test")
+from mnist_pipeline.errors import DatasetError
 
 
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +24,9 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     """
     n = len(labels)
     if not 0 < val_size < n:
-        raise ValueError(f"data.val_size = {val_size}: expected between 1 and {n - 1} for {n} training images")
+        # params.py bounds val_size by the registry's size; this is a smaller (private or test) dataset.
+        raise DatasetError(f"data.val_size = {val_size}: this dataset has only {n} training images; "
+                           f"set it between 1 and {n - 1}")
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.double() * val_size / n
     quota = exact.floor().long()
@@ -50,29 +48,6 @@ def normalisation_stats(images: torch.Tensor) -> tuple[float, float]:
     """Mean and std of pixel intensity in [0, 1], in float64 so the result is exact to reproduce."""
     x = images.double().div_(255.0)
     return float(x.mean()), float(x.std())
-
-
-def save_split(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    write_torch(path, {"images": images.contiguous(), "labels": labels.contiguous()})
-
-
-def load_split(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a split written by `save_split`, checking what it holds; errors name the file."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: not found (run `dvc repro preprocess`)") from None
-    except Exception as exc:  # a truncated zip, a pickled object: all mean "not our file"
-        raise DatasetError(f"{path}: not a readable tensor file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(blob, dict) or set(blob) != {"images", "labels"}:
-        raise DatasetError(f"{path}: expected a dict with 'images' and 'labels'")
-    images, labels = blob["images"], blob["labels"]
-    if images.dtype != torch.uint8 or images.ndim != 3 or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-        raise DatasetError(
-            f"{path}: expected uint8 images N×H×W and int64 labels N, got {images.dtype} {list(images.shape)}"
-            f" and {labels.dtype} {list(labels.shape)}"
-        )
-    return images, labels
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +24,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from mnist_pipeline.data import batch_indices, random_affine, to_unit
+from mnist_pipeline.errors import DeviceError, TrainingDiverged
 from mnist_pipeline.params import TrainParams
 
 DEVICE_ENV = "MNIST_DEVICE"
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 def seed_everything(seed: int) -> None:
@@ -43,23 +41,19 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def select_device(env: dict[str, str] | os._Environ[str] = os.environ) -> torch.device:
-    """CUDA, then MPS, then CPU; `MNIST_DEVICE=cpu|cuda|cuda:N|mps` overrides."""
+def select_device(env: Mapping[str, str] = os.environ) -> torch.device:
+    """The accelerator when there is one (CUDA, MPS, …), else the CPU; `MNIST_DEVICE` overrides."""
     wanted = env.get(DEVICE_ENV, "").strip()
-    if wanted:
-        try:
-            device = torch.device(wanted)
-        except RuntimeError:
-            raise ValueError(f"{DEVICE_ENV}={wanted!r}: expected cpu, cuda, cuda:N or mps") from None
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available.get(device.type, False):
-            raise ValueError(f"{DEVICE_ENV}={wanted!r}: that device is not available on this machine")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if not wanted:
+        return torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise DeviceError(f"{DEVICE_ENV}={wanted!r}: expected cpu, cuda, cuda:N or mps") from None
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if device.type != "cpu" and (accelerator is None or accelerator.type != device.type):
+        raise DeviceError(f"{DEVICE_ENV}={wanted!r}: that device is not available on this machine")
+    return device
 
 
 def uses_channels_last(model: nn.Module) -> bool:
@@ -87,7 +81,7 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EpochStats:
     epoch: int
     train_loss: float
@@ -95,6 +89,19 @@ class EpochStats:
     val_loss: float
     val_acc: float
     lr: float
+
+
+@dataclass(frozen=True)
+class BestEpoch:
+    """The epoch kept so far: its validation scores and (evaluation) weights."""
+
+    epoch: int = 0
+    val_acc: float = -1.0
+    val_loss: float = math.inf
+    state: dict[str, torch.Tensor] | None = None
+
+    def summary(self) -> dict[str, float | int]:
+        return {"epoch": self.epoch, "val_acc": self.val_acc, "val_loss": self.val_loss}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -113,21 +120,36 @@ def make_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tp.lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_epoch: int):
-    """The scheduler, or None for a constant learning rate. onecycle and cosine step
-    every batch; step and plateau step once per epoch."""
-    total = tp.epochs * steps_per_epoch
-    if tp.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=tp.lr, total_steps=total, pct_start=tp.warmup)
-    if tp.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    if tp.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=tp.step_size, gamma=tp.gamma)
-    if tp.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=tp.gamma, patience=tp.plateau_patience
-        )
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate scheduler (None: constant) and when it moves, decided once."""
+
+    scheduler: Any
+    after_batch: Callable[[], None]
+    after_epoch: Callable[[float], None]  # takes the epoch's validation accuracy
+
+
+def _still() -> None:
     return None
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_epoch: int) -> Schedule:
+    """onecycle and cosine move every batch; step once per epoch; plateau per epoch on val accuracy."""
+    total = tp.epochs * steps_per_epoch
+    lr_scheduler = torch.optim.lr_scheduler
+    if tp.scheduler == "onecycle":
+        s = lr_scheduler.OneCycleLR(optimizer, max_lr=tp.lr, total_steps=total, pct_start=tp.warmup)
+        return Schedule(s, s.step, lambda val_acc: None)
+    if tp.scheduler == "cosine":
+        s = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return Schedule(s, s.step, lambda val_acc: None)
+    if tp.scheduler == "step":
+        s = lr_scheduler.StepLR(optimizer, step_size=tp.step_size, gamma=tp.gamma)
+        return Schedule(s, _still, lambda val_acc: s.step())
+    if tp.scheduler == "plateau":
+        s = lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tp.gamma, patience=tp.plateau_patience)
+        return Schedule(s, _still, s.step)
+    return Schedule(None, _still, lambda val_acc: None)
 
 
 class Trainer:
@@ -151,7 +173,7 @@ class Trainer:
         self.val_x, self.val_y = (t.to(device) for t in val)
         self.steps_per_epoch = math.ceil(len(self.train_x) / tp.batch_size)
         self.optimizer = make_optimizer(self.model, tp)
-        self.scheduler = make_scheduler(self.optimizer, tp, self.steps_per_epoch)
+        self.schedule = make_schedule(self.optimizer, tp, self.steps_per_epoch)
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tp.ema), use_buffers=True) if tp.ema else None
         )
@@ -159,7 +181,7 @@ class Trainer:
         # global one; both are part of the saved state.
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
-        self.best: dict = {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0, "state": None}
+        self.best = BestEpoch()
         self.bad_epochs = 0
         self.history: list[dict] = []
 
@@ -176,14 +198,14 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scheduler": self.schedule.scheduler.state_dict() if self.schedule.scheduler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate(),
             "epoch": self.epoch,
-            "best": self.best,
+            "best": {**self.best.summary(), "state": self.best.state},
             "bad_epochs": self.bad_epochs,
             "history": self.history,
         }
@@ -191,8 +213,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if self.schedule.scheduler is not None:
+            self.schedule.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
@@ -200,7 +222,7 @@ class Trainer:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         random.setstate(state["python_rng"])
-        self.epoch, self.best, self.bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
+        self.epoch, self.best, self.bad_epochs = state["epoch"], BestEpoch(**state["best"]), state["bad_epochs"]
         self.history = state["history"]
 
     def _lr(self) -> float:
@@ -228,9 +250,7 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-            if isinstance(self.scheduler, (torch.optim.lr_scheduler.OneCycleLR,
-                                           torch.optim.lr_scheduler.CosineAnnealingLR)):
-                self.scheduler.step()
+            self.schedule.after_batch()
             total_loss += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
             bar.update()
@@ -242,10 +262,7 @@ class Trainer:
                 f"(learning rate {lr:g}); lower train.lr or use a warm-up scheduler"
             )
         val_loss, val_acc = self.validate()
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(val_acc)
-        elif isinstance(self.scheduler, torch.optim.lr_scheduler.StepLR):
-            self.scheduler.step()
+        self.schedule.after_epoch(val_acc)
         self.epoch += 1
         stats = EpochStats(self.epoch, train_loss, float(correct) / len(self.train_x), val_loss, val_acc, lr)
         self._track_best(stats)
@@ -262,11 +279,11 @@ class Trainer:
     def _track_best(self, stats: EpochStats) -> None:
         """Keep the weights of the best epoch on val: higher accuracy, ties to the lower loss."""
         best = self.best
-        better_acc = stats.val_acc > best["val_acc"] + self.tp.early_stopping.min_delta
-        tie = stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"]
+        better_acc = stats.val_acc > best.val_acc + self.tp.early_stopping.min_delta
+        tie = stats.val_acc == best.val_acc and stats.val_loss < best.val_loss
         if better_acc or tie:
             state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
-            self.best = {"val_acc": stats.val_acc, "val_loss": stats.val_loss, "epoch": stats.epoch, "state": state}
+            self.best = BestEpoch(stats.epoch, stats.val_acc, stats.val_loss, state)
         if better_acc:
             self.bad_epochs = 0
         else:

@@ -1,11 +1,7 @@
-"""Export a checkpoint to ONNX and torch.export (.pt2), and check each against PyTorch.
+"""Export a model to ONNX and torch.export (.pt2), and measure each against PyTorch.
 
-Both formats take a float batch N×1×28×28 already normalised and return N×10
-logits, with a dynamic batch dimension. The normalisation, class names and model
-name travel inside each file (ONNX metadata_props; a `model.json` extra file in the
-.pt2), so `mnist-predict` needs nothing but the exported file; parity is checked by
-loading each file exactly as `mnist-predict` does (`predict.load_model`).
-
+The file format (names, input spec, metadata, loader) is `exported.py`'s; parity is
+measured on what `exported.load_model` reads back, the path `mnist-predict` takes.
 TorchScript is deprecated in torch 2.14 and is not offered.
 """
 
@@ -20,15 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_pipeline.errors import ParityError
+from mnist_pipeline.exported import INPUT_NAME, OUTPUT_NAME, PT2_METADATA
 from mnist_pipeline.fileio import write_bytes
-from mnist_pipeline.predict import PT2_METADATA
-
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
-
-
-class ParityError(RuntimeError):
-    pass
 
 
 def _example() -> tuple[torch.Tensor, dict[str, Any]]:
@@ -36,11 +26,18 @@ def _example() -> tuple[torch.Tensor, dict[str, Any]]:
     return example, {"x": {0: torch.export.Dim("batch", min=1)}}
 
 
+# Both exporters record, per node, the Python stack that produced it: absolute paths and line
+# numbers of this checkout. Dropped, so an export depends on the model, not on where the code lies.
+ONNX_TRACE, PT2_TRACE = "pkg.torch.onnx.stack_trace", "stack_trace"
+
+
 def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> None:
     example, dynamic = _example()
     program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=dynamic, verbose=False)
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.pop(ONNX_TRACE, None)
     program.model.metadata_props.update(metadata)
     # ONNXProgram.save writes in place; render to bytes to keep the write atomic.
     buffer = io.BytesIO()
@@ -51,6 +48,8 @@ def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, st
 def export_pt2(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     example, dynamic = _example()
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=dynamic)
+    for node in program.graph.nodes:
+        node.meta.pop(PT2_TRACE, None)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={PT2_METADATA: json.dumps(metadata)})
     write_bytes(path, buffer.getvalue())

@@ -12,12 +12,39 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+# `.{stem}.{8 random characters}.tmp{suffix}`: the names atomic_path gives its temporary files.
+_TEMP_NAME = re.compile(r"^\..*\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+
+
+def is_temp_name(name: str) -> bool:
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files a killed writer left in `folder`; return what was removed.
+
+    A SIGKILL between writing a temp file and renaming it leaves it behind, and in a
+    folder DVC tracks (a `persist` output) it would become part of the data."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if p.is_file() and is_temp_name(p.name)] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is only durable once the directory entry is on disk (power cuts).
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -41,6 +68,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -62,6 +90,8 @@ def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
     straight to a randomly named temp file would give different bytes every run;
     an in-memory buffer always gets the same name.
     """
+    import torch  # only the stages that write tensors pay for importing it
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getvalue())

@@ -1,238 +1,208 @@
-"""params.yaml → frozen dataclasses, validated strictly.
+"""params.yaml → frozen pydantic models, validated strictly.
 
 Every stage loads the whole file through `load_params`, so a typo anywhere stops
 the pipeline before any work, with one line naming the key, the value and what is
 allowed. Unknown keys are errors too: a misspelt `learning_rate` must not be
-silently ignored while the default `lr` trains the model.
+silently ignored while the default `lr` trains the model. Types are strict (no
+"0.1" strings for numbers, no 1 for true), except that YAML 1.2 floats such as
+`1e-3` are read as numbers, as DVC itself reads them.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import math
-import sys
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError
 
 from mnist_pipeline.datasets import DATASETS
+from mnist_pipeline.errors import ParamsError
 
-MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("onecycle", "cosine", "plateau", "step", "none")
-EXPORT_FORMATS = ("onnx", "pt2")
-
-
-class ParamsError(ValueError):
-    """A params.yaml problem; the message is one line meant for the user."""
-
-
-def _rule(**rules: Any) -> Any:
-    """A dataclass field with validation rules (choices, gt, ge, lt, le, min_len, item_ge)."""
-    return field(metadata=rules)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Probability = Annotated[Float, Field(ge=0.0, lt=1.0)]
+Width = Annotated[Int, Field(ge=1)]
+# The model names: each is a section of params.yaml below, and a key of models.MODELS
+# (tests/test_params.py keeps the two in step; this module stays torch-free).
+ModelName = Literal["mlp", "cnn"]
 
 
-@dataclass(frozen=True)
-class MLPParams:
-    hidden: tuple[int, ...] = _rule(min_len=1, item_ge=1)
-    dropout: float = _rule(ge=0.0, lt=1.0)
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-@dataclass(frozen=True)
-class CNNParams:
-    channels: tuple[tuple[int, ...], ...] = _rule(min_len=1, item_ge=1)
-    dropout: float = _rule(ge=0.0, lt=1.0)
+class MLPParams(Section):
+    hidden: tuple[Width, ...] = Field(min_length=1)
+    dropout: Probability
 
 
-@dataclass(frozen=True)
-class DataParams:
-    val_size: int = _rule(ge=len(DATASETS["mnist"].classes))
+class CNNParams(Section):
+    channels: tuple[Annotated[tuple[Width, ...], Field(min_length=1)], ...] = Field(min_length=1)
+    dropout: Probability
 
 
-@dataclass(frozen=True)
-class AugmentParams:
-    enabled: bool = _rule()
-    rotate: float = _rule(ge=0.0, le=180.0)
-    scale: float = _rule(ge=0.0, lt=1.0)
-    shift: float = _rule(ge=0.0, le=14.0)
+class DataParams(Section):
+    # Bounded by the chosen dataset's size in `parse_params`, the one place it is checked.
+    val_size: Int = Field(ge=1)
 
 
-@dataclass(frozen=True)
-class EarlyStoppingParams:
-    patience: int = _rule(ge=0)
-    min_delta: float = _rule(ge=0.0)
+class AugmentParams(Section):
+    enabled: StrictBool
+    rotate: Float = Field(ge=0.0, le=180.0)
+    scale: Probability
+    shift: Float = Field(ge=0.0, le=14.0)
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = _rule(ge=1)
-    batch_size: int = _rule(ge=1)
-    optimizer: str = _rule(choices=OPTIMIZERS)
-    lr: float = _rule(gt=0.0)
-    momentum: float = _rule(ge=0.0, lt=1.0)
-    nesterov: bool = _rule()
-    weight_decay: float = _rule(ge=0.0)
-    scheduler: str = _rule(choices=SCHEDULERS)
-    warmup: float = _rule(gt=0.0, lt=1.0)
-    step_size: int = _rule(ge=1)
-    gamma: float = _rule(gt=0.0, le=1.0)
-    plateau_patience: int = _rule(ge=0)
-    label_smoothing: float = _rule(ge=0.0, lt=1.0)
-    ema: float = _rule(ge=0.0, lt=1.0)
-    augment: AugmentParams = _rule()
-    early_stopping: EarlyStoppingParams = _rule()
+class EarlyStoppingParams(Section):
+    patience: Int = Field(ge=0)
+    min_delta: Float = Field(ge=0.0)
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = _rule(ge=1)
+class TrainParams(Section):
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"]
+    lr: Float = Field(gt=0.0)
+    momentum: Probability
+    nesterov: StrictBool
+    weight_decay: Float = Field(ge=0.0)
+    scheduler: Literal["onecycle", "cosine", "plateau", "step", "none"]
+    warmup: Float = Field(gt=0.0, lt=1.0)
+    step_size: Int = Field(ge=1)
+    gamma: Float = Field(gt=0.0, le=1.0)
+    plateau_patience: Int = Field(ge=0)
+    label_smoothing: Probability
+    ema: Probability
+    augment: AugmentParams
+    early_stopping: EarlyStoppingParams
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    formats: tuple[str, ...] = _rule(min_len=1, item_choices=EXPORT_FORMATS)
-    opset: int = _rule(ge=18, le=23)
-    parity_samples: int = _rule(ge=1)
+class EvaluateParams(Section):
+    batch_size: Int = Field(ge=1)
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = _rule(ge=0)
-    dataset: str = _rule(choices=tuple(DATASETS))
-    model: str = _rule(choices=MODELS)
-    mlp: MLPParams = _rule()
-    cnn: CNNParams = _rule()
-    data: DataParams = _rule()
-    train: TrainParams = _rule()
-    evaluate: EvaluateParams = _rule()
-    export: ExportParams = _rule()
+class ExportParams(Section):
+    formats: tuple[Literal["onnx", "pt2"], ...] = Field(min_length=1)
+    opset: Int = Field(ge=18, le=23)
+    parity_samples: Int = Field(ge=1)
+
+
+class Params(Section):
+    # torch.manual_seed takes seeds below 2**64.
+    seed: Int = Field(ge=0, lt=2**64)
+    dataset: Literal[tuple(DATASETS)]  # type: ignore[valid-type]
+    model: ModelName
+    mlp: MLPParams
+    cnn: CNNParams
+    data: DataParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+
+    @property
+    def model_params(self) -> MLPParams | CNNParams:
+        """The selected model's section (`mlp:` or `cnn:`)."""
+        return getattr(self, self.model)
 
     def model_kwargs(self) -> dict[str, Any]:
         """The selected model's section, as keyword arguments for `models.build_model`."""
-        return as_dict(getattr(self, self.model))
+        return self.model_params.model_dump(mode="json")
+
+    def section(self, name: str) -> Any:
+        """One top-level key as plain JSON/YAML values (lists, dicts, numbers, strings)."""
+        value = getattr(self, name)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def as_dict(obj: Any) -> Any:
-    """A params dataclass as plain dicts and lists (JSON/YAML friendly)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [as_dict(item) for item in obj]
-    return obj
+# ---------------------------------------------------------------- one-line messages
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "bool_type": "true or false",
+             "float_type": "a finite number", "finite_number": "a finite number", "string_type": "a string",
+             "tuple_type": "a list", "list_type": "a list"}
 
 
-def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
-    raise ParamsError(f"params.yaml: {key} = {value!r} is invalid: expected {expected}")
+def _key(loc: tuple[Any, ...]) -> str:
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        item_hint = typing.get_args(hint)[0]
-        if not isinstance(value, list):
-            _fail(key, value, "a list")
-        return tuple(_convert(item, item_hint, f"{key}[{i}]") for i, item in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            _fail(key, value, "true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "an integer")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            _fail(key, value, "a finite number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            _fail(key, value, "a string")
-        return value
-    raise TypeError(f"unsupported params type {hint!r} for {key}")
+def _section_at(loc: tuple[Any, ...]) -> type[Section]:
+    cls: type[Section] = Params
+    for part in loc:
+        cls = cls.model_fields[part].annotation  # type: ignore[assignment]
+    return cls
 
 
-def _check_rules(key: str, value: Any, rules: dict[str, Any]) -> None:
-    if "choices" in rules and value not in rules["choices"]:
-        _fail(key, value, "one of " + ", ".join(rules["choices"]))
-    bounds = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
-              "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
-    for name, (symbol, ok) in bounds.items():
-        if name in rules and not ok(value, rules[name]):
-            _fail(key, value, f"a value {symbol} {rules[name]}")
-    if "min_len" in rules and len(value) < rules["min_len"]:
-        _fail(key, value, f"a list of at least {rules['min_len']} item(s)")
-    if "item_choices" in rules:
-        for item in value:
-            if item not in rules["item_choices"]:
-                _fail(key, list(value), "a list drawn from " + ", ".join(rules["item_choices"]))
-        if len(set(value)) != len(value):
-            _fail(key, list(value), "a list without repeats")
-    if "item_ge" in rules:
-        flat = [x for item in value for x in (item if isinstance(item, tuple) else (item,))]
-        if (isinstance(value[0], tuple) and any(len(item) == 0 for item in value)) or any(
-            x < rules["item_ge"] for x in flat
-        ):
-            _fail(key, as_dict(value), f"non-empty lists of integers >= {rules['item_ge']}")
+def _expected(error: dict[str, Any]) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind in _BOUNDS:
+        name, symbol = _BOUNDS[kind]
+        return f"a value {symbol} {ctx[name]}"
+    if kind == "literal_error":
+        return "one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
+    if kind == "too_short":
+        return f"a list of at least {ctx['min_length']} item(s)"
+    return _EXPECTED.get(kind, error["msg"])
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix or "the top level"
-    if not isinstance(data, dict):
-        raise ParamsError(f"params.yaml: {where} must be a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            raise ParamsError(f"params.yaml: unknown key '{full}' (allowed in {where}: {', '.join(names)})")
-    values = {}
-    for f in dataclasses.fields(cls):
-        full = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name not in data:
-            raise ParamsError(f"params.yaml: missing key '{full}'")
-        values[f.name] = _convert(data[f.name], hints[f.name], full)
-        _check_rules(full, values[f.name], dict(f.metadata))
-    return cls(**values)
+def describe(error: dict[str, Any]) -> str:
+    """One pydantic error as the one-line message users see."""
+    loc = tuple(error["loc"])
+    key = _key(loc)
+    if error["type"] == "extra_forbidden":
+        where = _key(loc[:-1]) or "the top level"
+        allowed = ", ".join(_section_at(loc[:-1]).model_fields)
+        return f"params.yaml: unknown key '{key}' (allowed in {where}: {allowed})"
+    if error["type"] == "missing":
+        return f"params.yaml: missing key '{key}'"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"params.yaml: {key or 'the top level'} must be a mapping of keys, got {error['input']!r}"
+    value = error["input"]
+    value = list(value) if isinstance(value, tuple) else value
+    return f"params.yaml: {key} = {value!r} is invalid: expected {_expected(error)}"
 
 
 def parse_params(data: Any) -> Params:
     """Validate a loaded params mapping; raises ParamsError with a one-line message."""
-    params = _build(Params, data, "")
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(describe(exc.errors()[0])) from None
+    if len(set(params.export.formats)) != len(params.export.formats):
+        raise ParamsError(f"params.yaml: export.formats = {list(params.export.formats)!r} is invalid: "
+                          "expected a list without repeats")
     train_size = DATASETS[params.dataset].train_size
     if params.data.val_size >= train_size:
-        _fail("data.val_size", params.data.val_size,
-              f"fewer than the {train_size} training images of {params.dataset}")
+        raise ParamsError(f"params.yaml: data.val_size = {params.data.val_size!r} is invalid: "
+                          f"expected fewer than the {train_size} training images of {params.dataset}")
     return params
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: `1e-3` is a number (PyYAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot read it: {exc}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_params(data)
-
-
-def stage_parser(doc: str) -> argparse.ArgumentParser:
-    """The argument parser every stage script starts from: its summary line and `--params`."""
-    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
-    return parser
-
-
-def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
-    """For stage scripts: a params error is one line on stderr and exit code 2."""
-    try:
-        return load_params(path)
-    except ParamsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -2,7 +2,8 @@
 
 Everything here is a pure function of logits and labels (plus the history), so
 the metrics JSON and the confusion rows are byte-identical for the same model.
-Figures use matplotlib's non-interactive Agg backend.
+Figures are drawn on `matplotlib.figure.Figure` objects and rendered by Agg, so no
+display, no pyplot state and no global backend switch are involved.
 """
 
 from __future__ import annotations
@@ -10,15 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI; must precede pyplot's import
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from mnist_pipeline.fileio import atomic_path  # noqa: E402
+from mnist_pipeline.fileio import atomic_path
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -75,16 +73,16 @@ def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[
     return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), predicted.tolist())]
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
         # Fixed metadata keeps the PNG bytes independent of the matplotlib build date.
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
     cm = confusion.numpy()
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
     shown = cm.astype(float)
     ax.imshow(shown / shown.sum(1, keepdims=True).clip(min=1), cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
@@ -112,7 +110,8 @@ def plot_misclassified(
     order = wrong[torch.argsort(confidence[wrong], descending=True, stable=True)][:count]
     cols = 8
     rows = max(1, -(-len(order) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.4, rows * 1.7), squeeze=False)
+    fig = Figure(figsize=(cols * 1.4, rows * 1.7))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, order.tolist()):
@@ -124,7 +123,8 @@ def plot_misclassified(
 
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(history["epoch"], history["train_loss"], label="train")
     ax_loss.plot(history["epoch"], history["val_loss"], label="val")
     ax_loss.set_xlabel("epoch")

@@ -2,7 +2,8 @@
 
 Params: dataset.
 Writes: OUT_DIR/ holding train/t10k images/labels .gz, each verified against pinned checksums.
-Environment: MNIST_MIRROR, a folder or file:// / http(s):// URL tried before the public mirrors.
+Environment: MNIST_MIRROR, a folder or file:// / http(s):// URL tried before the public mirrors;
+MNIST_CHECKSUMS, a JSON file of extra payload sha256s per dataset (private data).
 """
 
 from __future__ import annotations
@@ -10,26 +11,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnist_pipeline.datasets import DATASETS, DatasetError, download
-from mnist_pipeline.params import load_params_or_exit, stage_parser
+from mnist_pipeline import stage
+from mnist_pipeline.datasets import DATASETS
+from mnist_pipeline.download import download
+from mnist_pipeline.fileio import remove_stale_temps
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser(__doc__)
-    parser.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-    params = load_params_or_exit(args.params)
-
-    spec = DATASETS[params.dataset]
-    try:
-        fetched = download(spec, args.out_dir, log=lambda msg: print(msg, file=sys.stderr))
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    args, params = stage.parse(__doc__, lambda p: p.add_argument("out_dir", type=Path), argv)
+    for stale in remove_stale_temps(args.out_dir):  # the output persists across runs: no leftovers in it
+        print(f"removed {stale}, left by an interrupted download", file=sys.stderr)
+    fetched = download(DATASETS[params.dataset], args.out_dir, log=lambda msg: print(msg, file=sys.stderr))
     for name, source in fetched.items():
-        print(f"{args.out_dir / name}: {'already present, verified' if source == 'present' else 'verified, from ' + source}")
+        how = "already present, verified" if source == "present" else f"verified, from {source}"
+        print(f"{args.out_dir / name}: {how}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage.run(main))

@@ -49,7 +49,7 @@ def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    """Write the four .gz files of a tiny dataset into `folder`; return a MNIST_CHECKSUMS json."""
+    """Write the four .gz files of a tiny dataset into `folder`; return a MNIST_CHECKSUMS json ({"mnist": pins})."""
     folder.mkdir(parents=True, exist_ok=True)
     train_x, train_y = synthetic_digits(n_train, seed)
     test_x, test_y = synthetic_digits(n_test, seed + 1)
@@ -60,7 +60,7 @@ def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int 
         (folder / spec.name).write_bytes(gzip.compress(payload, mtime=0))
         pins[spec.name] = hashlib.sha256(payload).hexdigest()
     checksums = folder.parent / f"{folder.name}-checksums.json"
-    checksums.write_text(json.dumps(pins))
+    checksums.write_text(json.dumps({"mnist": pins}))
     return checksums
 
 

@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from helpers import synthetic_digits, write_mirror
-from mnist_pipeline.data import (
-    batch_indices,
-    load_split,
-    normalisation_stats,
-    random_affine,
-    save_split,
-    stratified_split,
-)
-from mnist_pipeline.datasets import DatasetError
+from mnist_pipeline import processed
+from mnist_pipeline.data import batch_indices, normalisation_stats, random_affine, stratified_split
+from mnist_pipeline.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +28,7 @@ def test_stratified_split_is_exact_disjoint_proportional_and_seeded():
 
 
 def test_stratified_split_rejects_impossible_sizes():
-    with pytest.raises(ValueError, match="data.val_size = 100"):
+    with pytest.raises(DatasetError, match="data.val_size = 100: this dataset has only 100 training images"):
         stratified_split(torch.arange(100) % 10, 100, seed=0)
 
 
@@ -68,19 +62,40 @@ def test_shift_moves_ink_by_pixels():
     assert (cx - 11.5).abs().max() <= 3.01 and (cx - 11.5).abs().max() > 2
 
 
-def test_split_file_round_trip_and_errors(tmp_path):
+STATS = processed.Stats(dataset="mnist", classes=list("0123456789"), mean=0.13, std=0.31,
+                        counts={"train": 12, "val": 12, "test": 12})
+
+
+def test_processed_folder_round_trip_and_errors(tmp_path):
     images, labels = synthetic_digits(12, seed=0)
-    save_split(tmp_path / "s.pt", images, labels.long())
-    x, y = load_split(tmp_path / "s.pt")
+    split = (images, labels.long())
+    processed.save(tmp_path / "ok", {"train": split, "val": split, "test": split}, STATS)
+    x, y = processed.load_split(tmp_path / "ok", "test")
     assert torch.equal(x, images) and y.dtype == torch.int64
-    (tmp_path / "bad.pt").write_bytes((tmp_path / "s.pt").read_bytes()[:100])
-    with pytest.raises(DatasetError, match="bad.pt: not a readable tensor file"):
-        load_split(tmp_path / "bad.pt")
-    torch.save({"images": images.float(), "labels": labels}, tmp_path / "wrong.pt")
-    with pytest.raises(DatasetError, match="wrong.pt: expected uint8 images"):
-        load_split(tmp_path / "wrong.pt")
-    with pytest.raises(DatasetError, match="missing.pt: not found"):
-        load_split(tmp_path / "missing.pt")
+    assert processed.load_stats(tmp_path / "ok") == STATS
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.pt").write_bytes((tmp_path / "ok" / "train.pt").read_bytes()[:100])
+    with pytest.raises(DatasetError, match="train.pt: not a readable tensor file"):
+        processed.load_split(bad, "train")
+    torch.save({"images": images.float(), "labels": labels}, bad / "val.pt")
+    with pytest.raises(DatasetError, match="val.pt: expected uint8 images"):
+        processed.load_split(bad, "val")
+    with pytest.raises(DatasetError, match="test.pt: not found"):
+        processed.load_split(bad, "test")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not readable JSON"),
+    ('{"dataset": "mnist"}', "expected an object with exactly"),
+    ('{"dataset": "mnist", "classes": ["0", "1"], "mean": 0.1, "std": 0, "counts": {}}', "invalid std 0"),
+    ('{"dataset": "mnist", "classes": ["0", "1"], "mean": NaN, "std": 0.3, "counts": {}}', "invalid mean nan"),
+    ('{"dataset": "mnist", "classes": "01", "mean": 0.1, "std": 0.3, "counts": {}}', "invalid classes '01'"),
+])
+def test_bad_stats_json_is_named(tmp_path, content, message):
+    (tmp_path / "stats.json").write_text(content)
+    with pytest.raises(DatasetError, match=f"stats.json: .*{message}"):
+        processed.load_stats(tmp_path)
 
 
 def test_normalisation_stats():
@@ -104,7 +119,7 @@ def test_preprocess_twice_gives_identical_bytes(tmp_path):
         outs.append(_digests(tmp_path / run))
     assert outs[0] == outs[1]
     assert set(outs[0]) == {"train.pt", "val.pt", "test.pt", "stats.json"}
-    train_x, _ = load_split(tmp_path / "a" / "train.pt")
-    val_x, _ = load_split(tmp_path / "a" / "val.pt")
+    train_x, _ = processed.load_split(tmp_path / "a", "train")
+    val_x, _ = processed.load_split(tmp_path / "a", "val")
     assert (len(train_x), len(val_x)) == (250, 50)
     assert not list((tmp_path / "a").glob(".*tmp*"))

@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from helpers import SPEC, idx_bytes, synthetic_digits, write_mirror
-from mnist_pipeline.datasets import (
-    DatasetError,
-    download,
-    extra_checksums,
-    parse_idx,
-    read_images,
-    read_labels,
-    read_split,
-    verify_file,
-)
+from mnist_pipeline.download import _is_permanent, download, extra_checksums, verify_file
+from mnist_pipeline.errors import DatasetError
+from mnist_pipeline.idx import parse_idx, read_images, read_labels, read_split
 
 
 # ---------------------------------------------------------------- IDX reader
@@ -67,15 +60,10 @@ def test_readers_check_shapes_ranges_and_counts(tmp_path):
 
 # ---------------------------------------------------------------- verification and download
 
-def test_real_mnist_payload_checksums_are_pinned():
-    # The pinned payload sha256s are those of ../shared/datasets/mnist/README.md.
-    assert SPEC.train_labels.raw_sha256 == "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"
-    assert SPEC.train_images.gz_md5 == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-
-
 def test_verify_accepts_pinned_payload_whatever_the_compression(tmp_path):
     pins_file = write_mirror(tmp_path / "m")
-    pins = extra_checksums({"MNIST_CHECKSUMS": str(pins_file)})
+    pins = extra_checksums("mnist", {"MNIST_CHECKSUMS": str(pins_file)})
+    assert extra_checksums("kmnist", {"MNIST_CHECKSUMS": str(pins_file)}) == {}  # pins are per dataset
     path = tmp_path / "m" / SPEC.train_labels.name
     verify_file(path, SPEC.train_labels, pins)
     path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1))
@@ -202,8 +190,6 @@ def test_http_truncated_mirror_is_skipped_and_503_is_retried(tmp_path, http_mirr
 def test_which_failures_are_retried():
     import socket
     import urllib.error
-
-    from mnist_pipeline.datasets import _is_permanent
 
     unknown_host = urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
     dns_hiccup = urllib.error.URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"))

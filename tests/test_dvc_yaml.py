@@ -1,40 +1,88 @@
-"""dvc.yaml stays honest: each stage depends on every package module its script imports."""
+"""dvc.yaml stays honest: each stage depends on exactly the code it imports and the params it reads.
+
+The module list comes from `stage.package_modules()`, the same function the train stage
+fingerprints its resume state with, run after importing the stage script in a fresh
+interpreter; the params list from the `params.…` reads in the script.
+"""
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mnist_pipeline import processed
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+SELECTED_MODEL = "${model}"  # dvc.yaml's entry for the section of whichever model params.yaml selects
+
+IMPORTED = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("stage_script", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from mnist_pipeline.stage import package_modules
+print(json.dumps([str(p) for p in package_modules()]))
+"""
 
 
-def package_imports(path: Path, seen: set[str] | None = None) -> set[str]:
-    """mnist_pipeline modules imported by `path`, followed transitively, as repo-relative paths."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnist_pipeline"):
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.startswith("mnist_pipeline")]
-        for name in names:
-            module = ROOT / (name.replace(".", "/") + ".py")
-            rel = str(module.relative_to(ROOT))
-            if module.exists() and rel not in seen and not rel.endswith("__init__.py"):
-                seen.add(rel)
-                package_imports(module, seen)
-    return seen
+def imported_modules(script: Path) -> set[str]:
+    result = subprocess.run([sys.executable, "-c", IMPORTED, str(script)], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    return {str(Path(p).resolve().relative_to(ROOT)) for p in json.loads(result.stdout)}
+
+
+def params_read(script: Path) -> set[str]:
+    """Top-level params keys a stage script reads: `params.X`, `params.section("X")`, and the
+    selected model's section through `params.model_kwargs()` / `params.model_params`."""
+    keys = set()
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
+            keys.add(SELECTED_MODEL if node.attr in ("model_kwargs", "model_params") else node.attr)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "params":
+            keys.add(node.args[0].value)
+    return keys - {"section"}
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
-def test_stage_deps_cover_imported_modules(name):
+def test_stage_code_deps_are_exactly_the_imported_modules(name):
     stage = STAGES[name]
     script = stage["cmd"].split()[1]
     assert script == f"stages/{name}.py" and script in stage["deps"]
-    missing = package_imports(ROOT / script) - set(stage["deps"])
-    assert not missing, f"stage {name} imports {sorted(missing)} but does not list them in deps"
+    code_deps = {d for d in stage["deps"] if d.startswith("mnist_pipeline/")}
+    imported = imported_modules(ROOT / script)
+    assert code_deps == imported, (f"stage {name}: deps lack {sorted(imported - code_deps)}, "
+                                   f"list unused {sorted(code_deps - imported)}")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_params_are_exactly_the_keys_it_reads(name):
+    declared = {p.split("#")[0].strip() for p in STAGES[name].get("params", [])}
+    assert declared == params_read(ROOT / "stages" / f"{name}.py")
+
+
+def test_training_does_not_depend_on_the_unused_models_section():
+    declared = set(STAGES["train"]["params"])
+    assert SELECTED_MODEL in declared and not declared & {"mlp", "cnn"}
+
+
+def test_download_does_not_import_torch():
+    probe = IMPORTED.split("from mnist_pipeline")[0] + "print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "stages/download.py")],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "False", "the download stage needs no torch: importing it costs ~2 s"
+
+
+def test_processed_deps_are_files_the_processed_module_writes():
+    names = {processed.split_path(Path("data/processed"), s).name for s in processed.SPLITS} | {processed.STATS}
+    for name, stage in STAGES.items():
+        for dep in stage["deps"]:
+            if dep.startswith("data/processed/"):
+                assert Path(dep).name in names, f"stage {name}: {dep} is not a file processed.py writes"
 
 
 def test_every_output_path_appears_in_the_command():

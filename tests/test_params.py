@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnist_pipeline.params import ParamsError, as_dict, load_params, parse_params
+from mnist_pipeline.errors import ParamsError
+from mnist_pipeline.params import load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -31,7 +32,7 @@ DELETE = object()
 def test_defaults_are_valid_and_round_trip():
     params = parse_params(DEFAULTS)
     assert params.model in ("mlp", "cnn")
-    assert as_dict(params) == DEFAULTS
+    assert params.model_dump(mode="json") == DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_defaults_are_valid_and_round_trip():
         ("train.augment.rotate", "ten", ["train.augment.rotate", "a finite number"]),
         ("mlp.dropout", 1.0, ["mlp.dropout", "< 1"]),
         ("mlp.hidden", [], ["mlp.hidden", "at least 1"]),
-        ("cnn.channels", [[8], []], ["cnn.channels", "non-empty lists"]),
+        ("cnn.channels", [[8], []], ["cnn.channels[1]", "[]", "at least 1 item"]),
         ("data.val_size", 60000, ["data.val_size", "60000", "fewer than the 60000"]),
         ("export.formats", ["onnx", "torchscript"], ["export.formats", "onnx, pt2"]),
         ("train.early_stopping", 3, ["train.early_stopping", "mapping"]),
@@ -97,3 +98,26 @@ def test_stage_exits_2_with_one_line(tmp_path):
     assert "model = 'cnnn'" in result.stderr and "mlp, cnn" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_model_names_are_the_model_registry():
+    from typing import get_args
+
+    from mnist_pipeline.models import MODELS
+    from mnist_pipeline.params import ModelName, Params
+
+    assert set(get_args(ModelName)) == set(MODELS)
+    assert set(MODELS) <= set(Params.model_fields), "each model has its params section"
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 0.001), ("5e-4", 0.0005), ("1E-3", 0.001), ("2.5e+1", 25.0)])
+def test_scientific_learning_rates_are_numbers(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("  lr: 0.1 ", f"  lr: {text} "))
+    assert load_params(path).train.lr == expected
+
+
+@pytest.mark.parametrize("seed, fragment", [(2**64, "< 18446744073709551616"), (-1, ">= 0")])
+def test_seed_out_of_torchs_range_is_refused(seed, fragment):
+    with pytest.raises(ParamsError, match=f"seed = {seed} is invalid: expected a value {fragment}"):
+        parse_params(with_change("seed", seed))

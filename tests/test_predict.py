@@ -12,15 +12,17 @@ import torch
 from PIL import Image
 
 from helpers import synthetic_digits
-from mnist_pipeline import export, predict
+from mnist_pipeline import export, exported, predict
+from mnist_pipeline.errors import ParityError
+from mnist_pipeline.images import ImageError, prepare_file
 from mnist_pipeline.models import CNN
 
 BIN = Path(sys.executable).parent
-META = predict.model_metadata("cnn", list("0123456789"), 0.13, 0.31, "test")
+META = exported.metadata("cnn", list("0123456789"), 0.13, 0.31)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     model = CNN([[4], [8]], 0.0).eval()
@@ -30,23 +32,31 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_export_parity_and_dynamic_batch(exported, fmt):
-    model, folder = exported
+def test_export_parity_and_dynamic_batch(exported_models, fmt):
+    model, folder = exported_models
     x = torch.randn(37, 1, 28, 28)
-    loaded = predict.load_model(folder / export.FILE_NAMES[fmt])
+    loaded = exported.load_model(folder / exported.FILE_NAMES[fmt], trust_pickle=True)
     assert (loaded.classes, loaded.mean, loaded.std) == (list("0123456789"), 0.13, 0.31)
     out = loaded.run(x.numpy())
     report = export.parity(model(x).detach().numpy(), out)
     assert report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] <= 1e-4
     export.check_parity(report, fmt)
-    with pytest.raises(export.ParityError, match=f"{fmt} export disagrees"):
+    with pytest.raises(ParityError, match=f"{fmt} export disagrees"):
         export.check_parity({**report, "top1_agreement": 0.99}, fmt)
 
 
-def test_onnx_export_is_byte_reproducible(exported, tmp_path):
-    model, folder = exported
+def test_onnx_export_is_byte_reproducible(exported_models, tmp_path):
+    model, folder = exported_models
     export.export_onnx(model, tmp_path / "again.onnx", 18, META)
     assert (tmp_path / "again.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.pt2"])
+def test_exports_carry_no_source_paths(exported_models, name):
+    # The exporters record each node's Python stack; left in, every checkout path or edited
+    # line number would change the exported bytes (and dvc.lock) for the same model.
+    data = (exported_models[1] / name).read_bytes()
+    assert b"models.py" not in data and str(Path(__file__).parents[1]).encode() not in data
 
 
 def ink_centre(a: np.ndarray) -> tuple[float, float]:
@@ -58,7 +68,7 @@ def test_stroke_in_a_corner_of_a_large_white_canvas_is_centred(tmp_path):
     canvas = np.full((600, 800), 255, np.uint8)
     canvas[40:200, 60:90] = 20  # a dark vertical bar ("1") near the top-left corner
     Image.fromarray(canvas).save(tmp_path / "one.png")
-    digit = predict.prepare(tmp_path / "one.png")
+    digit = prepare_file(tmp_path / "one.png")
     assert digit.shape == (28, 28)
     assert digit.max() == pytest.approx(1.0, abs=0.05) and digit[0, 0] == 0  # white ink on black
     rows, cols = np.nonzero(digit.any(1))[0], np.nonzero(digit.any(0))[0]
@@ -73,7 +83,7 @@ def test_mnist_style_digit_is_kept_nearly_unchanged(tmp_path):
     digit = np.zeros((28, 28), np.uint8)
     digit[4:24, 4:24] = np.asarray(Image.fromarray(images[0].numpy()[7:21, 7:21]).resize((20, 20)))
     Image.fromarray(digit).save(tmp_path / "d.png")
-    out = predict.prepare(tmp_path / "d.png")
+    out = prepare_file(tmp_path / "d.png")
     cy, cx = ink_centre(out)
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5 and out.max() <= 1.0
 
@@ -82,11 +92,11 @@ def test_alpha_16bit_and_exif_orientation(tmp_path):
     rgba = np.zeros((100, 60, 4), np.uint8)
     rgba[20:80, 25:35] = (0, 0, 0, 255)  # opaque black stroke on transparent: composited onto white
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
-    a = predict.prepare(tmp_path / "alpha.png")
+    a = prepare_file(tmp_path / "alpha.png")
     deep = np.full((100, 60), 65535, np.uint16)
     deep[20:80, 25:35] = 0
     Image.fromarray(deep).save(tmp_path / "deep.png")
-    b = predict.prepare(tmp_path / "deep.png")
+    b = prepare_file(tmp_path / "deep.png")
     assert np.allclose(a, b, atol=0.02)
     # The same tall bar stored lying down with EXIF "rotate 90": upright after transposition.
     pixels = np.full((60, 100), 255, np.uint8)
@@ -94,7 +104,7 @@ def test_alpha_16bit_and_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
-    c = predict.prepare(tmp_path / "rotated.jpg")
+    c = prepare_file(tmp_path / "rotated.jpg")
     rows, cols = np.nonzero(c > 0.5)
     assert np.ptp(rows) > 3 * np.ptp(cols)  # tall after EXIF rotation
 
@@ -131,12 +141,12 @@ def inputs(tmp_path):
     ("missing.png", "no such file"),
 ])
 def test_bad_inputs_get_clear_errors(inputs, name, reason):
-    with pytest.raises(predict.ImageError, match=reason):
-        predict.prepare(inputs / name)
+    with pytest.raises(ImageError, match=reason):
+        prepare_file(inputs / name)
 
 
-def test_cli_answers_good_files_reports_bad_ones_and_fails(exported, inputs, capsys):
-    _, folder = exported
+def test_cli_answers_good_files_reports_bad_ones_and_fails(exported_models, inputs, capsys):
+    _, folder = exported_models
     files = [inputs / n for n in ("good.png", "notes.txt", "good.jpg", "bomb.png")]
     code = predict.main([*map(str, files), "--model", str(folder / "model.onnx"), "--top-k", "3"])
     out, err = capsys.readouterr()
@@ -147,10 +157,10 @@ def test_cli_answers_good_files_reports_bad_ones_and_fails(exported, inputs, cap
     assert f"{files[1]}: error: not an image" in err and f"{files[3]}: error:" in err
 
 
-def test_json_lines_schema(exported, inputs, capsys):
-    _, folder = exported
+def test_json_lines_schema(exported_models, inputs, capsys):
+    _, folder = exported_models
     code = predict.main([str(inputs / "good.png"), str(inputs / "empty.png"), "--json", "--top-k", "2",
-                         "--model", str(folder / "model.pt2")])
+                         "--model", str(folder / "model.pt2"), "--trust-pt2"])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1
     good, bad = records
@@ -167,8 +177,8 @@ def test_missing_model_is_a_usage_error(inputs, capsys):
     assert "run `dvc repro`" in capsys.readouterr().err
 
 
-def test_console_script_runs_without_importing_torch(exported, inputs):
-    _, folder = exported
+def test_console_script_runs_without_importing_torch(exported_models, inputs):
+    _, folder = exported_models
     script = shutil.which("mnist-predict", path=str(BIN))
     assert script, "mnist-predict is installed with the project"
     result = subprocess.run([script, str(inputs / "good.png"), "--model", str(folder / "model.onnx")],

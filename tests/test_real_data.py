@@ -17,8 +17,10 @@ import yaml
 from PIL import Image
 
 from helpers import DVC, git_repo_env, run
-from mnist_pipeline import predict
-from mnist_pipeline.data import load_split
+from mnist_pipeline import exported, processed
+from mnist_pipeline.checkpoint import load_checkpoint
+from mnist_pipeline.engine import predict_logits
+from mnist_pipeline.images import prepare_file
 
 pytestmark = [
     pytest.mark.realdata,
@@ -68,18 +70,16 @@ def test_forced_rerun_is_byte_identical(project):
 
 def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
     repo, env = project
-    images, labels = load_split(repo / "data/processed/test.pt")
-    model = predict.load_model(repo / "models/export/model.onnx")
-    from mnist_pipeline import checkpoint
-    from mnist_pipeline.engine import predict_logits
-    ckpt = checkpoint.load_checkpoint(repo / "models/checkpoint.pt")
-    norm = ckpt["normalisation"]
-    evaluated = predict_logits(checkpoint.model_from_checkpoint(ckpt), images, norm["mean"], norm["std"], 1000,
+    images, labels = processed.load_split(repo / "data/processed", "test")
+    model = exported.load_model(repo / "models/export/model.onnx")
+    ckpt = load_checkpoint(repo / "models/checkpoint.pt")
+    norm = ckpt.normalisation
+    evaluated = predict_logits(ckpt.build(), images, norm["mean"], norm["std"], 1000,
                                torch.device("cpu")).argmax(1).numpy()
     plain = []
     for i, image in enumerate(images.numpy()):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
-        plain.append(predict.prepare(tmp_path / f"{i}.png"))
+        plain.append(prepare_file(tmp_path / f"{i}.png"))
     agreement = (model.probabilities(np.stack(plain)).argmax(1) == evaluated).mean()
     assert agreement >= 0.995
 
@@ -92,7 +92,7 @@ def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
         page = Image.new("RGB", (200, 160), (235, 230, 220))
         page.paste(Image.merge("RGB", [ink] * 3), (int(rng.integers(0, 110)), int(rng.integers(0, 70))))
         page.save(tmp_path / f"{i}.jpg", quality=90)
-        drawn.append(predict.prepare(tmp_path / f"{i}.jpg"))
+        drawn.append(prepare_file(tmp_path / f"{i}.jpg"))
     drawn_acc = (model.probabilities(np.stack(drawn)).argmax(1) == labels[:n].numpy()).mean()
     test_acc = (evaluated[:n] == labels[:n].numpy()).mean()
     assert drawn_acc >= test_acc - 0.02

@@ -1,4 +1,3 @@
-import dataclasses
 import math
 from pathlib import Path
 
@@ -7,7 +6,8 @@ import torch
 
 from helpers import synthetic_digits
 from mnist_pipeline import checkpoint
-from mnist_pipeline.engine import Trainer, TrainingDiverged, predict_logits, seed_everything, select_device
+from mnist_pipeline.engine import Trainer, predict_logits, seed_everything, select_device
+from mnist_pipeline.errors import CheckpointError, DeviceError, TrainingDiverged
 from mnist_pipeline.fileio import write_torch
 from mnist_pipeline.models import CNN, MLP, build_model, count_parameters
 from mnist_pipeline.params import load_params
@@ -33,7 +33,7 @@ def test_models_return_logits_and_count_parameters(name, kwargs, expected):
 
 def test_default_cnn_is_under_20k_parameters():
     defaults = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert count_parameters(build_model("cnn", **dataclasses.asdict(defaults.cnn))) <= 20_000
+    assert count_parameters(build_model("cnn", **defaults.cnn.model_dump())) <= 20_000
 
 
 def test_unknown_model_is_refused():
@@ -43,7 +43,7 @@ def test_unknown_model_is_refused():
 
 def make_trainer(params, model_name="mlp", seed=0, **train_changes):
     seed_everything(seed)
-    p = dataclasses.replace(params, model=model_name, train=dataclasses.replace(params.train, **train_changes))
+    p = params.model_copy(update={"model": model_name, "train": params.train.model_copy(update=train_changes)})
     model = build_model(model_name, **p.model_kwargs())
     x, y = data()
     vx, vy = data(100, seed=5)
@@ -57,7 +57,7 @@ def test_training_lowers_the_loss(params, model_name):
     trainer.fit()
     assert trainer.history[-1]["train_loss"] < trainer.history[0]["train_loss"]
     assert min(h["val_loss"] for h in trainer.history) < first_loss
-    assert trainer.best["val_acc"] > (0.5 if model_name == "mlp" else 0.2) > first_acc
+    assert trainer.best.val_acc > (0.5 if model_name == "mlp" else 0.2) > first_acc
 
 
 def test_one_step_lowers_the_loss_on_that_batch():
@@ -78,9 +78,9 @@ def test_ema_weights_are_validated_and_kept(params):
     trainer.fit()
     ema_state = trainer.ema.module.state_dict()
     raw_state = trainer.model.state_dict()
-    best = trainer.best["state"]
+    best = trainer.best.state
     assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state)
-    if trainer.best["epoch"] == 2:
+    if trainer.best.epoch == 2:
         assert all(torch.equal(best[k], ema_state[k]) for k in best)
 
 
@@ -102,7 +102,7 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(params):
     for seed in (1, 1, 2):
         trainer = make_trainer(params, "cnn", seed=seed)
         trainer.fit()
-        runs.append(trainer.best["state"])
+        runs.append(trainer.best.state)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
@@ -118,15 +118,15 @@ def test_resumed_training_matches_uninterrupted(params, tmp_path):
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     resumed.fit()
     assert resumed.history == full.history
-    assert all(torch.equal(full.best["state"][k], resumed.best["state"][k]) for k in full.best["state"])
+    assert all(torch.equal(full.best.state[k], resumed.best.state[k]) for k in full.best.state)
 
 
 def test_early_stopping_stops(params):
     trainer = make_trainer(params, "mlp", epochs=30, lr=1e-6, scheduler="none",
-                           early_stopping=dataclasses.replace(params.train.early_stopping, patience=2, min_delta=0.5))
+                           early_stopping=params.train.early_stopping.model_copy(update={"patience": 2, "min_delta": 0.5}))
     trainer.fit()
     assert len(trainer.history) == 3  # epoch 1 sets the best; 2 more without a 0.5 gain stop it
-    assert trainer.finished and trainer.best["epoch"] == 1
+    assert trainer.finished and trainer.best.epoch == 1
 
 
 def test_divergence_names_epoch_and_learning_rate(params):
@@ -146,35 +146,36 @@ def test_predict_logits_batches_consistently():
 
 def test_device_override(monkeypatch):
     assert select_device({"MNIST_DEVICE": "cpu"}) == CPU
-    with pytest.raises(ValueError, match="MNIST_DEVICE='tpu'"):
+    with pytest.raises(DeviceError, match="MNIST_DEVICE='tpu'"):
         select_device({"MNIST_DEVICE": "tpu"})
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="not available"):
+        with pytest.raises(DeviceError, match="not available"):
             select_device({"MNIST_DEVICE": "cuda"})
 
 
 def test_checkpoint_rebuilds_model_and_refuses_bad_files(tmp_path):
     torch.manual_seed(0)
     model = CNN([[4], [8]], 0.0).eval()
-    ckpt = checkpoint.make_checkpoint("cnn", {"channels": [[4], [8]], "dropout": 0.0}, model.state_dict(),
-                                      {"mean": 0.1, "std": 0.3}, list("0123456789"), {"seed": 1}, {"train": "ab"},
-                                      {"epoch": 1})
-    write_torch(tmp_path / "c.pt", ckpt)
-    loaded = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(tmp_path / "c.pt"))
+    ckpt = checkpoint.Checkpoint(model="cnn", model_kwargs={"channels": [[4], [8]], "dropout": 0.0},
+                                 state_dict=model.state_dict(), normalisation={"mean": 0.1, "std": 0.3},
+                                 classes=list("0123456789"), params={"seed": 1}, data={"train": "ab"},
+                                 best={"epoch": 1})
+    checkpoint.save_checkpoint(tmp_path / "c.pt", ckpt)
+    loaded = checkpoint.load_checkpoint(tmp_path / "c.pt").build()
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(loaded(x), model(x))
 
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:500])
-    with pytest.raises(checkpoint.CheckpointError, match="trunc.pt: not a valid checkpoint"):
+    with pytest.raises(CheckpointError, match="trunc.pt: not a valid checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "trunc.pt")
 
     torch.save({"format": checkpoint.FORMAT, "evil": Evil()}, tmp_path / "pickled.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="pickled.pt: .*pickled objects"):
+    with pytest.raises(CheckpointError, match="pickled.pt: .*pickled objects"):
         checkpoint.load_checkpoint(tmp_path / "pickled.pt")
     assert not (tmp_path / "pwned").exists()
 
     write_torch(tmp_path / "other.pt", {"state_dict": model.state_dict()})
-    with pytest.raises(checkpoint.CheckpointError, match="other.pt: not a mnist-pipeline-checkpoint"):
+    with pytest.raises(CheckpointError, match="other.pt: not a mnist-pipeline-checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "other.pt")
 
 

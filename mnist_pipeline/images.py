@@ -1,0 +1,142 @@
+"""Image preparation: a user's picture of a digit → the 28×28 array the model expects.
+
+Images are prepared the way MNIST's were made: grayscale (alpha composited onto
+white, 16-bit scaled down), EXIF orientation applied, polarity detected (dark ink
+on light paper is inverted to MNIST's white on black), cropped to the ink, fitted
+into a 20×20 box keeping the aspect ratio, pasted into 28×28 with the centre of
+mass at the centre. `mnist-predict` and the server both call `prepare`.
+
+Untrusted input: only the formats in FORMATS are decoded (Pillow is told before
+any plugin looks at the bytes, so EPS, which Pillow renders with Ghostscript, is
+never opened), the size in bytes and in pixels is bounded before decoding, and any
+failure becomes an ImageError naming the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mnist_pipeline.errors import PipelineError
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+FORMAT_NAMES = "PNG, JPEG, BMP, GIF, TIFF, WebP"
+MAX_PIXELS = 64_000_000  # larger than any camera photo; bigger images are treated as decompression bombs
+MAX_BYTES = 64 << 20  # bytes read from one file
+INK_THRESHOLD = 0.1  # after contrast stretch: fainter pixels are paper texture, not ink
+MIN_CONTRAST = 0.15  # less than this between paper and ink: nothing is written
+BOX, CANVAS = 20, 28  # MNIST: digit fitted into 20×20, centred by mass in 28×28
+
+
+class ImageError(PipelineError):
+    """An input image that cannot be classified; the message says why."""
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"image is {image.width}×{image.height} pixels, over the {max_pixels:,} "
+                                 "pixel limit (a decompression bomb?)")
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image in a supported format ({FORMAT_NAMES})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+    except Exception as exc:  # decoders fail in many ways on damaged files: OSError, SyntaxError, ValueError…
+        raise ImageError(f"truncated or corrupt image: {exc}") from None
+    if image.width == 0 or image.height == 0:
+        raise ImageError("image has no pixels")
+    return image
+
+
+def read_bounded(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
+    """A file's bytes, refusing before reading when it is larger than `max_bytes`."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ImageError(f"{size:,} bytes, over the {max_bytes:,} byte limit")
+            return handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read it: {exc.strerror or exc}") from None
+
+
+def to_gray(image: Image.Image) -> np.ndarray:
+    """Float array in [0, 1]: alpha composited onto white, EXIF rotation applied, 16-bit scaled."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return np.clip(np.asarray(image, dtype=np.float64) / 65535.0, 0.0, 1.0)
+    if image.mode == "F":
+        # Float images may hold NaN or ±inf: no ink, full ink.
+        return np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    width = max(1, min(gray.shape) // 20)
+    return np.concatenate([gray[:width].ravel(), gray[-width:].ravel(), gray[:, :width].ravel(), gray[:, -width:].ravel()])
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """A 28×28 float array in [0, 1], white ink on black, as MNIST digits are."""
+    paper = float(np.median(_border(gray)))
+    if paper > 0.5:  # dark ink on light paper
+        gray, paper = 1.0 - gray, 1.0 - paper
+    ink = float(gray.max())
+    if ink - paper < MIN_CONTRAST:
+        raise ImageError("blank image: no ink found")
+    gray = np.clip((gray - paper) / (ink - paper), 0.0, 1.0)
+    gray[gray < INK_THRESHOLD] = 0.0
+    rows, cols = np.nonzero(gray.any(1))[0], np.nonzero(gray.any(0))[0]
+    digit = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    h, w = digit.shape
+    scale = BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resized = np.asarray(Image.fromarray(digit.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS))
+    resized = np.clip(resized, 0.0, 1.0)
+    mass = resized.sum()
+    if not mass > 0:
+        raise ImageError("blank image: no ink left after scaling")
+    ys, xs = np.indices(resized.shape)
+    cy, cx = (ys * resized).sum() / mass, (xs * resized).sum() / mass
+    # MNIST's centre of mass sits at pixel index (14, 14) of the 28×28 canvas.
+    top = int(np.clip(round(CANVAS / 2 - cy), 0, CANVAS - resized.shape[0]))
+    left = int(np.clip(round(CANVAS / 2 - cx), 0, CANVAS - resized.shape[1]))
+    canvas = np.zeros((CANVAS, CANVAS), dtype=np.float32)
+    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
+    return canvas
+
+
+def prepare(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The 28×28 float array in [0, 1] for one encoded image; ImageError for anything unusable."""
+    try:
+        with _open(data, max_pixels) as image:
+            return to_mnist(to_gray(image))
+    except PipelineError:
+        raise
+    except Exception as exc:  # an odd mode or EXIF block can fail inside Pillow or numpy: this file's error
+        raise ImageError(f"cannot prepare this image: {type(exc).__name__}: {exc}") from None
+
+
+def prepare_file(path: Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
+    return prepare(read_bounded(path, max_bytes), max_pixels)
