@@ -217,8 +217,8 @@ def download_file(
                 log(f"{url}: {reason}; retrying in {backoff * 2 ** attempt:.0f} s")
                 time.sleep(backoff * 2 ** attempt)
     raise DatasetError(
-        f"could not get a verified {spec.name}; tried:\n  - " + "\n  - ".join(failures)
-        + f"\nWithout internet access, point {MIRROR_ENV} at a folder or URL holding the four .gz files, "
+        f"could not get a verified {spec.name}; tried " + "; ".join(failures)
+        + f". Without internet access, point {MIRROR_ENV} at a folder or URL holding the four .gz files, "
         f"e.g. `{MIRROR_ENV}=/path/to/mnist dvc repro`."
     )
 

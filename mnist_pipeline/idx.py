@@ -43,7 +43,12 @@ def parse_idx(data: bytes, name: str) -> torch.Tensor:
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: not found (run `dvc repro download`)") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     if path.suffix == ".gz":
         try:
             raw = gzip.decompress(raw)

@@ -42,9 +42,9 @@ def test_accuracy(path: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args, params = stage.parse(__doc__, configure, argv)
+    accuracy = test_accuracy(args.eval)  # checked first: a bad file fails before seconds of export
     ckpt = load_checkpoint(args.checkpoint)
     images, _ = processed.load_split(args.data_dir, "test")
-    accuracy = test_accuracy(args.eval)
     model = ckpt.build()
     norm = ckpt.normalisation
     metadata = exported.metadata(ckpt.model, ckpt.classes, norm["mean"], norm["std"])

@@ -1,8 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from mnist_pipeline import export, exported
+from mnist_pipeline.models import CNN
 from mnist_pipeline.params import parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,3 +18,17 @@ def params():
     train = p.train.model_copy(update={"epochs": 2, "batch_size": 32, "lr": 0.05, "ema": 0.0})
     return p.model_copy(update={"train": train, "mlp": p.mlp.model_copy(update={"hidden": (32,)}),
                                 "cnn": p.cnn.model_copy(update={"channels": ((4,), (8,))})})
+
+
+META = exported.metadata("cnn", list("0123456789"), 0.13, 0.31)
+
+
+@pytest.fixture(scope="session")
+def exported_models(tmp_path_factory):
+    """A small untrained CNN and its ONNX and .pt2 exports: (model, folder)."""
+    folder = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = CNN([[4], [8]], 0.0).eval()
+    export.export_onnx(model, folder / "model.onnx", 18, META)
+    export.export_pt2(model, folder / "model.pt2", META)
+    return model, folder

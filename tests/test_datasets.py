@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from helpers import SPEC, idx_bytes, synthetic_digits, write_mirror
-from mnist_pipeline.download import _is_permanent, download, extra_checksums, verify_file
+from mnist_pipeline.datasets import DATASETS
+from mnist_pipeline.download import (
+    ChecksumError,
+    _is_permanent,
+    _NoDowngrade,
+    download,
+    extra_checksums,
+    verify_file,
+)
 from mnist_pipeline.errors import DatasetError
 from mnist_pipeline.idx import parse_idx, read_images, read_labels, read_split
 
@@ -134,6 +142,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     truncate = False
     failed: set[str] = set()
     fail_first = False
+    extra_body = 0  # bytes appended past the real file, without announcing them
 
     def log_message(self, *args):  # keep test output quiet
         pass
@@ -149,9 +158,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         data = path.read_bytes()
         self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
+        if not self.extra_body:
+            self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[: len(data) // 3] if self.truncate else data)
+        self.wfile.write(data[: len(data) // 3] if self.truncate else data + b"\0" * self.extra_body)
 
 
 @pytest.fixture
@@ -197,3 +207,75 @@ def test_which_failures_are_retried():
     assert _is_permanent(urllib.error.HTTPError("u", 404, "Not Found", {}, None))
     assert not _is_permanent(urllib.error.HTTPError("u", 503, "Unavailable", {}, None))
     assert not _is_permanent(TimeoutError("timed out"))
+
+
+# ---------------------------------------------------------------- bounds: a hostile mirror cannot exhaust memory or disk
+
+def small(spec, size):
+    return dataclasses.replace(spec, size=size)
+
+
+def test_body_longer_than_the_file_can_be_is_cut_off(tmp_path, http_mirror):
+    start, pins = http_mirror
+    endless = start(extra_body=5 << 20)  # 5 MB more than the tiny labels file, no Content-Length
+    logs: list[str] = []
+    spec = dataclasses.replace(SPEC, mirrors=(), train_labels=small(SPEC.train_labels, 100))
+    with pytest.raises(DatasetError, match="sent more than the"):
+        download(spec, tmp_path / "raw", mirror_env(tmp_path, pins, first=endless), retries=0, log=logs.append)
+    assert not (tmp_path / "raw" / SPEC.train_labels.name).exists()
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")], "no temp file left"
+
+
+def test_announced_oversize_is_refused_before_reading(tmp_path, http_mirror):
+    start, pins = http_mirror
+    url = start()
+    with pytest.raises(DatasetError, match="announces .* bytes, more than"):
+        download(dataclasses.replace(SPEC, mirrors=(), train_images=small(SPEC.train_images, 10)),
+                 tmp_path / "raw", mirror_env(tmp_path, pins, first=url), retries=0)
+
+
+def test_gzip_bomb_is_not_inflated_past_the_known_size(tmp_path):
+    path = tmp_path / SPEC.train_labels.name
+    path.write_bytes(gzip.compress(b"\0" * (50 << 20)))  # 50 KB on disk, 50 MB inflated
+    with pytest.raises(ChecksumError, match="payload larger than the 60,008 bytes"):
+        verify_file(path, SPEC.train_labels, {})
+
+
+def test_https_may_not_redirect_to_http():
+    import urllib.request
+
+    request = urllib.request.Request("https://mirror.example/mnist/x.gz")
+    with pytest.raises(ChecksumError, match="refused a redirect from https"):
+        _NoDowngrade().redirect_request(request, None, 302, "Found", {}, "http://evil.example/x.gz")
+    followed = _NoDowngrade().redirect_request(request, None, 302, "Found", {}, "https://other.example/x.gz")
+    assert followed.full_url == "https://other.example/x.gz"
+
+
+def test_public_mirrors_are_https_only():
+    # Plain http:// is accepted only from a MNIST_MIRROR the user set.
+    assert all(m.startswith("https://") for spec in DATASETS.values() for m in spec.mirrors)
+
+
+def test_every_dataset_pins_payloads_or_says_why_not():
+    for spec in DATASETS.values():
+        pinned = [f.raw_sha256 for f in spec.files]
+        assert all(pinned) or spec.name == "kmnist", f"{spec.name}: recompressed copies would be refused"
+        assert len({f.size for f in spec.files}) == 4
+
+
+def test_stale_temp_files_are_removed_by_the_download_stage(tmp_path):
+    import subprocess
+    import sys
+
+    pins = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "raw"
+    out.mkdir()
+    stale = out / ".train-images-idx3-ubyte.k2j4h1x9.tmp.gz"  # what a SIGKILL mid-write leaves
+    stale.write_bytes(b"half a download")
+    root = Path(__file__).resolve().parents[1]
+    env = {**mirror_env(tmp_path / "mirror", pins), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(root / "stages/download.py"), str(out),
+                             "--params", str(root / "params.yaml")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and f"removed {stale}" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in SPEC.files)

@@ -12,6 +12,7 @@ from helpers import DVC, git_repo_env, run, write_mirror
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
+ACCURACY_FLOOR = 0.5
 TINY = {
     "data": {"val_size": 100},
     "mlp": {"hidden": [32], "dropout": 0.0},
@@ -51,7 +52,8 @@ def test_repro_then_noop(project):
     stats = json.loads((repo / "data/processed/stats.json").read_text())
     assert stats["counts"] == {"train": 500, "val": 100, "test": 200}
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1 and metrics["samples"] == 200
+    # The tiny MLP learns the generated digits' class cues in two epochs; chance is 0.1.
+    assert metrics["accuracy"] >= ACCURACY_FLOOR and metrics["samples"] == 200, metrics["accuracy"]
     assert set(metrics["per_class"]) == set("0123456789")
     confusion = json.loads((repo / "plots/confusion.json").read_text())
     assert len(confusion) == 200 and set(confusion[0]) == {"actual", "predicted"}
@@ -125,3 +127,20 @@ def test_queued_sweep_shows_in_exp_show(project):
     header = run([DVC, "exp", "show", "--csv"], repo, env).stdout.splitlines()[0].split(",")
     assert {"accuracy", "macro_f1", "train.lr"} <= set(header)
     assert {"val.acc", "train.loss", "step"} <= set(header)  # DVCLive's per-epoch metrics
+
+
+def test_editing_the_unused_models_section_reruns_nothing(project):
+    repo, env = project
+    run(["git", "checkout", "-q", "--", "."], repo, env)
+    run([DVC, "checkout", "-q"], repo, env, check=False)
+    assert "up to date" in run([DVC, "status"], repo, env).stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["model"] == "mlp"
+    params["cnn"]["dropout"] = 0.25
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "up to date" in run([DVC, "status"], repo, env).stdout
+    params["mlp"]["dropout"] = 0.25
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(run([DVC, "status", "--json"], repo, env).stdout)
+    assert set(status) == {"train"}, status  # evaluate and export follow once train's outputs change
+    run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)

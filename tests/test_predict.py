@@ -15,20 +15,9 @@ from helpers import synthetic_digits
 from mnist_pipeline import export, exported, predict
 from mnist_pipeline.errors import ParityError
 from mnist_pipeline.images import ImageError, prepare_file
-from mnist_pipeline.models import CNN
+from conftest import META
 
 BIN = Path(sys.executable).parent
-META = exported.metadata("cnn", list("0123456789"), 0.13, 0.31)
-
-
-@pytest.fixture(scope="module")
-def exported_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = CNN([[4], [8]], 0.0).eval()
-    export.export_onnx(model, folder / "model.onnx", 18, META)
-    export.export_pt2(model, folder / "model.pt2", META)
-    return model, folder
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])

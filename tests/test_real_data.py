@@ -2,6 +2,7 @@
 
 Runs only with MNIST_MIRROR set (CI points it at its local copy of the four files):
     MNIST_MIRROR=/path/to/mnist pytest -m realdata
+The Fashion-MNIST run also needs FASHION_MNIST_MIRROR (CI: Debian's dataset-fashion-mnist).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from PIL import Image
 from helpers import DVC, git_repo_env, run
 from mnist_pipeline import exported, processed
 from mnist_pipeline.checkpoint import load_checkpoint
+from mnist_pipeline.datasets import DATASETS
+from mnist_pipeline.download import verify_file
 from mnist_pipeline.engine import predict_logits
 from mnist_pipeline.images import prepare_file
 
@@ -108,3 +111,33 @@ def test_cnn_experiment(project):
     assert result["accuracy"] >= 0.994
     diff = json.loads(run([DVC, "metrics", "diff", "--json"], repo, env).stdout)
     assert diff["metrics/eval.json"]["accuracy"]["diff"] > 0
+
+
+@pytest.mark.parametrize("dataset, variable", [("mnist", "MNIST_MIRROR"), ("fashion_mnist", "FASHION_MNIST_MIRROR")])
+def test_pinned_payload_checksums_accept_recompressed_real_files(dataset, variable):
+    # Both local copies are recompressed: their .gz md5s are not the official ones, so only the
+    # pinned payload sha256s can accept them (and no MNIST_CHECKSUMS is involved).
+    folder = os.environ.get(variable)
+    if not folder:
+        pytest.skip(f"set {variable}")
+    for spec in DATASETS[dataset].files:
+        verify_file(Path(folder) / spec.name, spec, {})
+
+
+FASHION_FLOOR = 0.90
+
+
+@pytest.mark.skipif(not os.environ.get("FASHION_MNIST_MIRROR"), reason="set FASHION_MNIST_MIRROR")
+def test_fashion_mnist_cnn_experiment(project):
+    repo, env = project
+    fashion_env = {**env, "MNIST_MIRROR": os.environ["FASHION_MNIST_MIRROR"]}
+    fashion_env.pop("MNIST_CHECKSUMS", None)
+    result = run([DVC, "exp", "run", "-S", "dataset=fashion_mnist", "-S", "model=cnn", "-n", "fashion-cnn"],
+                 repo, fashion_env)
+    assert "data/raw/fashion_mnist" in result.stdout + result.stderr
+    stats = json.loads((repo / "data/processed/stats.json").read_text())
+    assert stats["dataset"] == "fashion_mnist" and stats["classes"][0] == "T-shirt/top"
+    evaluation = metrics(repo, "eval.json")
+    print(f"fashion_mnist cnn: test accuracy {evaluation['accuracy']}")
+    assert evaluation["accuracy"] >= FASHION_FLOOR
+    assert set(evaluation["per_class"]) == set(DATASETS["fashion_mnist"].classes)

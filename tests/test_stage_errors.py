@@ -1,0 +1,139 @@
+"""Every stage, walked through its bad inputs: one line naming the file or key, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import write_mirror
+from mnist_pipeline import processed
+from mnist_pipeline.checkpoint import Checkpoint, save_checkpoint
+from mnist_pipeline.models import MLP
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny raw mirror, its processed folder, a valid checkpoint, history and eval.json."""
+    work = tmp_path_factory.mktemp("stage-errors")
+    pins = write_mirror(work / "raw", n_train=300, n_test=50)
+    params = {**PARAMS, "data": {"val_size": 50}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"),
+                             str(work / "data"), "--params", str(work / "params.yaml")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    torch.manual_seed(0)
+    model = MLP([8], 0.0)
+    save_checkpoint(work / "model.pt", Checkpoint(
+        model="mlp", model_kwargs={"hidden": [8], "dropout": 0.0}, state_dict=model.state_dict(),
+        normalisation={"mean": 0.1, "std": 0.3}, classes=list("0123456789"), params={}, data={}, best={"epoch": 1}))
+    (work / "history.csv").write_text("epoch,train_loss,val_loss,train_acc,val_acc,lr\n1,1.0,1.0,0.5,0.5,0.1\n")
+    (work / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    return work, pins
+
+
+def copy_data(work: Path, name: str) -> Path:
+    folder = work / name
+    folder.mkdir()
+    for file in ("train.pt", "val.pt", "test.pt", processed.STATS):
+        (folder / file).write_bytes((work / "data" / file).read_bytes())
+    return folder
+
+
+def stage(name: str, *args: str, params: Path, env: dict[str, str] | None = None):
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args, "--params", str(params)],
+                          capture_output=True, text=True, env=env)
+
+
+def train_args(work: Path, data: Path) -> list[str]:
+    return [str(data), *[f"--{o}={work / 'out' / o}" for o in ("checkpoint", "metrics", "history", "timing", "live",
+                                                               "state-dir")]]
+
+
+def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str]:
+    return [str(ckpt), str(data), f"--history={history}", *[f"--{o}={work / 'out' / o}"
+                                                            for o in ("metrics", "confusion", "plots")]]
+
+
+def export_args(work: Path, ckpt: Path, data: Path, evaluation: Path) -> list[str]:
+    return [str(ckpt), str(data), str(work / "out" / "export"), f"--eval={evaluation}",
+            f"--metrics={work / 'out' / 'export.json'}"]
+
+
+def bad(work: Path, name: str, content: bytes) -> Path:
+    path = work / "bad" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+CASES = {
+    "download: mirror is not a folder": lambda w: (
+        "download", [str(w / "dl")], {"MNIST_MIRROR": str(w / "nowhere")}, "MNIST_MIRROR="),
+    "preprocess: raw files missing": lambda w: ("preprocess", [str(w / "empty-raw"), str(w / "p")], {},
+                                                "train-images-idx3-ubyte.gz: not found"),
+    "preprocess: raw file corrupt": lambda w: (
+        "preprocess", [str(bad(w, "train-images-idx3-ubyte.gz", b"\x1f\x8b junk").parent), str(w / "p")], {},
+        "train-images-idx3-ubyte.gz: not a valid gzip file"),
+    "train: stats.json not JSON": lambda w: (
+        "train", train_args(w, (lambda d: ((d / processed.STATS).write_text("{oops"), d)[1])(copy_data(w, "d1"))),
+        {}, "stats.json: not readable JSON"),
+    "train: split file truncated": lambda w: (
+        "train", train_args(w, (lambda d: ((d / "val.pt").write_bytes(b"PK\x03\x04"), d)[1])(copy_data(w, "d2"))),
+        {}, "val.pt: not a readable tensor file"),
+    "evaluate: checkpoint truncated": lambda w: (
+        "evaluate", evaluate_args(w, bad(w, "c1.pt", (w / "model.pt").read_bytes()[:300]), w / "data",
+                                  w / "history.csv"), {}, "c1.pt: not a valid checkpoint"),
+    "evaluate: checkpoint for another model": lambda w: (
+        "evaluate", evaluate_args(w, (lambda p: (save_checkpoint(p, Checkpoint(
+            model="mlp", model_kwargs={"hidden": [16], "dropout": 0.0}, state_dict=MLP([8], 0.0).state_dict(),
+            normalisation={"mean": 0.1, "std": 0.3}, classes=list("0123456789"), params={}, data={}, best={})), p)[1])(
+            w / "bad" / "c2.pt"), w / "data", w / "history.csv"), {}, "does not rebuild its 'mlp' model"),
+    "evaluate: history without columns": lambda w: (
+        "evaluate", evaluate_args(w, w / "model.pt", w / "data", bad(w, "h.csv", b"a,b\n1,2\n")),
+        {}, "h.csv: expected the columns"),
+    "export: checkpoint is not ours": lambda w: (
+        "export", export_args(w, (lambda p: (torch.save({"weights": torch.zeros(2)}, p), p)[1])(w / "bad" / "c3.pt"),
+                              w / "data", w / "eval.json"), {}, "c3.pt: not a mnist-pipeline-checkpoint"),
+    "export: eval.json not JSON": lambda w: (
+        "export", export_args(w, w / "model.pt", w / "data", bad(w, "e1.json", b"{")), {}, "e1.json: no test accuracy"),
+    "export: eval.json without accuracy": lambda w: (
+        "export", export_args(w, w / "model.pt", w / "data", bad(w, "e2.json", b'{"loss": 1}')), {},
+        "e2.json: no test accuracy"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_a_non_zero_exit(work, case):
+    folder, pins = work
+    (folder / "bad").mkdir(exist_ok=True)
+    (folder / "empty-raw").mkdir(exist_ok=True)
+    name, args, extra_env, fragment = CASES[case](folder)
+    env = {**__import__("os").environ, "MNIST_CHECKSUMS": str(pins), **extra_env}
+    result = stage(name, *args, params=folder / "params.yaml", env=env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("name", ["download", "preprocess", "train", "evaluate", "export"])
+def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
+    folder, _ = work
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**PARAMS, "train": {**PARAMS["train"], "lr": "fast"}}))
+    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "train": 1, "evaluate": 2, "export": 3}[name],
+                   *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
+                                                    "state-dir")],
+                     "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "plots")],
+                     "export": ["--eval=x", "--metrics=x"]}.get(name, []), params=params)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: params.yaml: train.lr = 'fast' is invalid: expected a finite number"
