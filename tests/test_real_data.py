@@ -124,7 +124,7 @@ def test_pinned_payload_checksums_accept_recompressed_real_files(dataset, variab
         verify_file(Path(folder) / spec.name, spec, {})
 
 
-FASHION_FLOOR = 0.90
+FASHION_FLOOR = 0.89  # measured 0.9051 (benchmarks/results/fashion_mnist.json)
 
 
 @pytest.mark.skipif(not os.environ.get("FASHION_MNIST_MIRROR"), reason="set FASHION_MNIST_MIRROR")
