@@ -64,11 +64,16 @@ def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray]
     return Model(run, classes, mean, std)
 
 
-def _load_onnx(path: Path) -> Model:
+def _load_onnx(path: Path, threads: int | None) -> Model:
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        # Idle pool threads otherwise spin, taking CPU from the request handling around them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or foreign file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(f"{path}: not a loadable ONNX model: {first}") from None
@@ -101,14 +106,17 @@ def _load_pt2(path: Path) -> Model:
     return _from_metadata(meta if isinstance(meta, dict) else {}, run, path)
 
 
-def load_model(path: Path, trust_pickle: bool = False) -> Model:
-    """Load an exported `.onnx` (or, with `trust_pickle`, `.pt2`) model; ModelFileError says why not."""
+def load_model(path: Path, trust_pickle: bool = False, threads: int | None = None) -> Model:
+    """Load an exported `.onnx` (or, with `trust_pickle`, `.pt2`) model; ModelFileError says why not.
+
+    `threads` caps onnxruntime's thread pool (a server answering one image at a time wants 1);
+    None keeps its default, one thread per core, which batches of many images use."""
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model (run `dvc repro` to export one, or pass --model)")
     if path.stat().st_size > MAX_MODEL_BYTES:
         raise ModelFileError(f"{path}: {path.stat().st_size:,} bytes, over the {MAX_MODEL_BYTES:,} byte limit")
     if path.suffix == ".onnx":
-        return _load_onnx(path)
+        return _load_onnx(path, threads)
     if path.suffix == ".pt2":
         if not trust_pickle:
             raise ModelFileError(

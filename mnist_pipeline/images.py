@@ -34,7 +34,34 @@ BOX, CANVAS = 20, 28  # MNIST: digit fitted into 20×20, centred by mass in 28×
 
 
 class ImageError(PipelineError):
-    """An input image that cannot be classified; the message says why."""
+    """An input image that cannot be classified (unreadable, truncated, empty, blank); the message says why."""
+
+
+class UnsupportedFormat(ImageError):
+    """An image, or a file, in a format this project does not decode."""
+
+
+class TooLarge(ImageError):
+    """Over the byte or pixel limit: refused before decoding."""
+
+
+# Other formats' leading bytes, so that a PSD or an EPS is named as an unsupported image rather than
+# as garbage. Matching them decodes nothing.
+_OTHER_FORMATS = ((b"%!PS", "EPS/PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"8BPS", "PSD"),
+                  (b"\x00\x00\x01\x00", "ICO"), (b"icns", "ICNS"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"),
+                  (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"qoif", "QOI"),
+                  (b"DDS ", "DDS"), (b"v/1\x01", "OpenEXR"), (b"SIMPLE  =", "FITS"), (b"BPG\xfb", "BPG"))
+_ISO_BRANDS = (b"heic", b"heix", b"heif", b"mif1", b"avif", b"avis")
+
+
+def other_format(data: bytes) -> str | None:
+    """The name of a known image format this project does not decode, from its leading bytes."""
+    head = data[:16]
+    if head[4:8] == b"ftyp" and head[8:12] in _ISO_BRANDS:
+        return "HEIC/AVIF"
+    if len(head) >= 2 and head[:1] == b"P" and head[1:2] in b"123456":
+        return "PNM"
+    return next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -45,15 +72,19 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             if image.width * image.height > max_pixels:
-                raise ImageError(f"image is {image.width}×{image.height} pixels, over the {max_pixels:,} "
+                raise TooLarge(f"image is {image.width}×{image.height} pixels, over the {max_pixels:,} "
                                  "pixel limit (a decompression bomb?)")
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
+        name = other_format(data)
+        if name:
+            raise UnsupportedFormat(f"not an image in a supported format ({FORMAT_NAMES}): "
+                                    f"it looks like {name}") from None
         raise ImageError(f"not an image in a supported format ({FORMAT_NAMES})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from None
+        raise TooLarge(f"refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # decoders fail in many ways on damaged files: OSError, SyntaxError, ValueError…
         raise ImageError(f"truncated or corrupt image: {exc}") from None
     if image.width == 0 or image.height == 0:
@@ -67,7 +98,7 @@ def read_bounded(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
-                raise ImageError(f"{size:,} bytes, over the {max_bytes:,} byte limit")
+                raise TooLarge(f"{size:,} bytes, over the {max_bytes:,} byte limit")
             return handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise ImageError("no such file") from None

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -104,3 +107,102 @@ def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
     for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         run(args, repo, env)
     return env
+
+
+# ---------------------------------------------------------------- the real server and a real browser
+
+
+@contextlib.contextmanager
+def served(model: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`mnist-serve --model MODEL --port 0` as a real process; yields it and its base URL (no trailing /).
+
+    Stops it with SIGINT (Ctrl-C) and checks that it exits cleanly."""
+    proc = subprocess.Popen([str(BIN / "mnist-serve"), "--model", str(model), "--port", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving "), line + proc.stderr.read()
+        url = line.split(" on ")[1].split()[0].rstrip("/")
+        assert url.startswith("http://127.0.0.1:")
+        yield proc, url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("mnist-serve did not stop on Ctrl-C") from None
+    assert proc.returncode == 0 and "stopped" in rest and "Traceback" not in err, (proc.returncode, rest, err)
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@contextlib.contextmanager
+def chromium(profile: Path):
+    """Debian's headless Chromium driven by Selenium through Debian's chromedriver (nothing downloaded)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic", "--window-size=1000,720", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def draw_strokes(driver, canvas, strokes: list[list[tuple[float, float]]]) -> None:
+    """Draw polylines on `canvas` with pointer events; points in canvas pixels from its top-left."""
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+    from selenium.webdriver.common.actions.pointer_input import PointerInput
+    from selenium.webdriver.common.actions.interaction import POINTER_MOUSE
+
+    size = canvas.size
+    actions = ActionBuilder(driver, mouse=PointerInput(POINTER_MOUSE, "pen"), duration=0)
+    for line in strokes:
+        for i, (x, y) in enumerate(line):
+            # Selenium offsets are from the element's centre.
+            actions.pointer_action.move_to(canvas, int(x - size["width"] / 2), int(y - size["height"] / 2))
+            if i == 0:
+                actions.pointer_action.pointer_down()
+        actions.pointer_action.pointer_up()
+    actions.perform()
+
+
+def trace(digit, scale: float = 10.0, threshold: int = 110) -> list[list[tuple[float, float]]]:
+    """Strokes that retrace a 28×28 uint8 digit: one horizontal stroke per run of ink in each row."""
+    strokes = []
+    for row in range(digit.shape[0]):
+        ink = [c for c in range(digit.shape[1]) if int(digit[row, c]) > threshold]
+        runs, start = [], None
+        for c in ink:
+            if start is None:
+                start = prev = c
+            elif c != prev + 1:
+                runs.append((start, prev))
+                start = c
+            prev = c
+        if start is not None:
+            runs.append((start, prev))
+        y = (row + 0.5) * scale
+        strokes += [[((a + 0.5) * scale, y), ((b + 0.5) * scale, y)] for a, b in runs]
+    return strokes
+
+
+def wait_answers(driver, at_least: int, timeout: float = 20) -> None:
+    """Wait until the page has shown `at_least` answers and has no request in flight."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = driver.execute_script("return [document.body.dataset.answers || '0', document.body.dataset.busy]")
+        if int(state[0]) >= at_least and state[1] != "1":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the page showed {state[0]} answers, expected {at_least} (busy={state[1]})")

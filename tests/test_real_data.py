@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import DVC, git_repo_env, run
+from helpers import CHROMEDRIVER, CHROMIUM, DVC, chromium, draw_strokes, git_repo_env, run, served, trace, wait_answers
 from mnist_pipeline import exported, processed
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.datasets import DATASETS
@@ -99,6 +99,46 @@ def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
     drawn_acc = (model.probabilities(np.stack(drawn)).argmax(1) == labels[:n].numpy()).mean()
     test_acc = (evaluated[:n] == labels[:n].numpy()).mean()
     assert drawn_acc >= test_acc - 0.02
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+def test_page_reads_digits_drawn_in_chromium(project, tmp_path):
+    """Strokes retracing real test digits, drawn with pointer events on the page, read by the trained model."""
+    from selenium.webdriver.common.by import By
+
+    repo, _ = project
+    images, labels = processed.load_split(repo / "data/processed", "test")
+    picked = [i for cls in range(10) for i in [j for j in range(300) if int(labels[j]) == cls][:2]]
+    photo = Image.new("RGB", (240, 200), (228, 222, 210))  # a test 3, as a photo of dark ink on paper
+    three = next(i for i in range(300, 600) if int(labels[i]) == 3)
+    ink = Image.fromarray(255 - images[three].numpy()).resize((112, 112), Image.Resampling.BICUBIC)
+    photo.paste(Image.merge("RGB", [ink] * 3), (70, 40))
+    photo.save(tmp_path / "photo.jpg", quality=85)
+    read = {}
+    with served(repo / "models/export/model.onnx") as (_, url), chromium(tmp_path / "profile") as driver:
+        driver.get(url + "/")
+        wait_answers(driver, 0)
+        canvas = driver.find_element(By.ID, "pad")
+        for i in picked:
+            answers = int(driver.execute_script("return document.body.dataset.answers || '0'"))
+            driver.find_element(By.ID, "clear").click()
+            draw_strokes(driver, canvas, trace(images[i].numpy()))
+            wait_answers(driver, answers + 1)
+            read[i] = driver.find_element(By.ID, "prediction").text
+        answers = int(driver.execute_script("return document.body.dataset.answers"))
+        driver.find_element(By.ID, "upload").send_keys(str(tmp_path / "photo.jpg"))
+        wait_answers(driver, answers + 1)
+        uploaded = driver.find_element(By.ID, "prediction").text
+        driver.find_element(By.ID, "clear").click()
+        draw_strokes(driver, canvas, trace(images[picked[14]].numpy()))  # a 7, for the screenshot
+        wait_answers(driver, answers + 2)
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    if os.environ.get("MNIST_SCREENSHOT"):  # how README's screenshot is made
+        Path(os.environ["MNIST_SCREENSHOT"]).write_bytes((tmp_path / "page.png").read_bytes())
+    correct = sum(read[i] == str(int(labels[i])) for i in picked)
+    print(f"page: {correct} of {len(picked)} drawn digits read correctly; uploaded photo of a 3 read as {uploaded}")
+    assert correct >= 18, read
+    assert uploaded == "3"
 
 
 def test_cnn_experiment(project):

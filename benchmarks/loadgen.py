@@ -1,0 +1,72 @@
+"""A small HTTP/1.1 load generator for mnist-serve: N keep-alive clients on loopback, bounded.
+
+Used by benchmarks/bench_serve.py and by tests/test_serve.py. Each client sends the same
+pre-encoded multipart request back to back and times each answer; the run stops after
+`requests` answers or `seconds`, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+import uuid
+from urllib.parse import urlsplit
+
+
+def multipart(files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
+    """(body, content type) for form fields [(field, file name, content type, bytes), …]."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for field, name, kind, data in files:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                     f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def raw_request(url: str, body: bytes, content_type: str) -> bytes:
+    parts = urlsplit(url)
+    return (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _client(host: str, port: int, request: bytes, quota: list[int], stop: float, out: list[tuple[int, float]]):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while quota[0] > 0 and time.perf_counter() < stop:
+            quota[0] -= 1
+            start = time.perf_counter()
+            writer.write(request)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            await reader.readexactly(length)
+            out.append((int(head.split(b" ", 2)[1]), time.perf_counter() - start))
+    finally:
+        writer.close()
+
+
+def run_load(url: str, body: bytes, content_type: str, clients: int = 8, requests: int = 1000,
+             seconds: float = 30.0) -> dict[str, float | int | dict[int, int]]:
+    """Statuses, requests/s and latency percentiles (ms) of `clients` concurrent keep-alive clients."""
+    parts = urlsplit(url)
+    request = raw_request(url.rstrip("/") + "/predict", body, content_type)
+    results: list[tuple[int, float]] = []
+
+    async def main() -> float:
+        quota, start = [requests], time.perf_counter()
+        await asyncio.gather(*(_client(parts.hostname, parts.port, request, quota, start + seconds, results)
+                               for _ in range(clients)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(main())
+    latencies = sorted(ms * 1000 for _, ms in results)
+    statuses: dict[int, int] = {}
+    for status, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"requests": len(results), "clients": clients, "seconds": round(elapsed, 3),
+            "requests_per_second": round(len(results) / elapsed, 1), "statuses": statuses,
+            "latency_ms": {"p50": round(statistics.median(latencies), 2), "p90": round(pick(0.90), 2),
+                           "p99": round(pick(0.99), 2), "max": round(latencies[-1], 2)}}

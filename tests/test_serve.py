@@ -1,0 +1,256 @@
+"""mnist-serve as a real process on a free loopback port: the API, its errors, load, faults, the page.
+
+The model here is a small untrained CNN (what it answers does not matter, how it answers does);
+tests/test_real_data.py drives the page with the trained model and checks the digits it reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, served, wait_answers
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("loadgen", ROOT / "benchmarks" / "loadgen.py")
+loadgen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(loadgen)
+
+
+def digit_png(size=(140, 110)) -> bytes:
+    canvas = np.full(size, 255, np.uint8)
+    canvas[20:120, 50:62] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+GOOD = digit_png()
+CARD = {"model": "cnn", "parameters": 1234, "test_accuracy": 0.5, "classes": list("0123456789")}
+
+
+@pytest.fixture(scope="module")
+def server(exported_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copy(exported_models[1] / "model.onnx", folder / "model.onnx")
+    (folder / "model_card.json").write_text(json.dumps(CARD))
+    with served(folder / "model.onnx", "--max-upload-mb", "2") as (proc, url):
+        yield proc, url
+
+
+def post(url: str, files: list[tuple[str, str, str, bytes]] | None = None, body: bytes | None = None,
+         content_type: str | None = None) -> tuple[int, object]:
+    if files is not None:
+        body, content_type = loadgen.multipart(files)
+    request = urllib.request.Request(url + "/predict", data=body, method="POST",
+                                     headers={"Content-Type": content_type or "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers["Content-Type"], response.read()
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_health_model_card_and_offline_page(server):
+    _, url = server
+    status, kind, body = get(url + "/healthz")
+    assert status == 200 and kind == "application/json" and json.loads(body)["status"] == "ok"
+    assert json.loads(get(url + "/model")[2]) == CARD
+    status, kind, page = get(url + "/")
+    assert status == 200 and kind.startswith("text/html")
+    html = page.decode()
+    assert 'id="prediction"' in html and "<canvas" in html and "pointerdown" in html
+    assert "http://" not in html and "https://" not in html, "the page must work offline: no CDN"
+
+
+def test_predict_one_file(server):
+    status, answer = post(server[1], [("file", "seven.png", "image/png", GOOD)])
+    assert status == 200
+    assert set(answer) >= {"digit", "label", "probabilities", "input", "file"}
+    assert isinstance(answer["digit"], int) and answer["label"] == str(answer["digit"])
+    assert len(answer["probabilities"]) == 10 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
+    assert answer["digit"] == int(np.argmax(answer["probabilities"]))
+    seen = Image.open(io.BytesIO(__import__("base64").b64decode(answer["input"].split(",", 1)[1])))
+    assert seen.size == (28, 28)
+
+
+def test_several_files_are_answered_one_by_one(server):
+    files = [("file", "a.png", "image/png", GOOD), ("file", "notes.txt", "text/plain", b"hello"),
+             ("file", "b.png", "image/png", GOOD[: len(GOOD) // 2]), ("file", "c.png", "image/png", GOOD)]
+    status, answers = post(server[1], files)
+    assert status == 200 and [a["file"] for a in answers] == ["a.png", "notes.txt", "b.png", "c.png"]
+    assert "digit" in answers[0] and "digit" in answers[3]
+    assert answers[1]["status"] == 415 and answers[2]["status"] == 400
+    assert all("error" in answers[i] and "digit" not in answers[i] for i in (1, 2))
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n"
+
+
+@pytest.mark.parametrize("files, body, kind, expected", [
+    ([("file", "notes.txt", "text/plain", b"just text")], None, None, 415),
+    ([("file", "digit.eps", "application/octet-stream", EPS)], None, None, 415),
+    ([("file", "empty.png", "image/png", b"")], None, None, 400),
+    ([("file", "half.png", "image/png", GOOD[: len(GOOD) // 2])], None, None, 400),
+    ([("file", "noise.png", "image/png", bytes(range(256)) * 4)], None, None, 400),
+    ([("image", "digit.png", "image/png", GOOD)], None, None, 422),
+    (None, GOOD, "image/png", 422),
+    (None, b"--x\r\nnot a multipart body", "multipart/form-data; boundary=x", 400),
+])
+def test_bad_uploads_get_their_4xx_and_the_next_request_is_served(server, files, body, kind, expected):
+    proc, url = server
+    status, answer = post(url, files, body, kind)
+    assert status == expected and set(answer) == {"error"} and "Traceback" not in answer["error"]
+    assert post(url, [("file", "ok.png", "image/png", GOOD)])[0] == 200
+    assert proc.poll() is None
+
+
+def send_big(url: str, head: bytes, chunks) -> bytes:
+    """Send `head` then `chunks` until the server stops reading; return what it answered."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    answer = bytearray()
+
+    def read():
+        try:
+            while chunk := sock.recv(65536):
+                answer.extend(chunk)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        sock.sendall(head)
+        for chunk in chunks:
+            sock.sendall(chunk)
+    except OSError:
+        pass  # the server answered and closed while we were still sending: the point of the test
+    reader.join(30)
+    sock.close()
+    return bytes(answer)
+
+
+def test_oversized_upload_is_413_without_being_read(server):
+    proc, url = server
+    before = rss_kb(proc.pid)
+    body, kind = loadgen.multipart([("file", "big.png", "image/png", GOOD + b"\0" * (20 << 20))])  # vs a 2 MB limit
+    pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+    # Announced: refused from Content-Length before the body is read.
+    answer = send_big(url, loadgen.raw_request(url + "/predict", b"", kind).replace(
+        b"Content-Length: 0", f"Content-Length: {len(body)}".encode()), pieces)
+    assert answer.startswith(b"HTTP/1.1 413") and b"limit" in answer
+    # Chunked: the size is unknown up front, so the server counts while reading and stops at the limit.
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    answer = send_big(url, head, (b"%x\r\n%s\r\n" % (len(p), p) for p in pieces))
+    assert answer.startswith(b"HTTP/1.1 413") and b"limit" in answer
+    assert rss_kb(proc.pid) - before < 8 * 1024, "the server's memory grew by a large part of the upload"
+    assert post(url, [("file", "ok.png", "image/png", GOOD)])[0] == 200
+
+
+def test_slow_client_does_not_block_others(server):
+    _, url = server
+    body, kind = loadgen.multipart([("file", "slow.png", "image/png", GOOD)])
+    request = loadgen.raw_request(url + "/predict", body, kind)
+    host, port = url.removeprefix("http://").split(":")
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    head_end = request.index(b"\r\n\r\n") + 4
+    slow.sendall(request[:head_end + 10])
+    done = threading.Event()
+
+    def trickle():
+        for i in range(head_end + 10, head_end + 40):  # 30 bytes over ~3 s
+            slow.sendall(request[i:i + 1])
+            time.sleep(0.1)
+        done.set()
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    times = []
+    while not done.is_set():
+        start = time.perf_counter()
+        assert post(url, [("file", "ok.png", "image/png", GOOD)])[0] == 200
+        times.append(time.perf_counter() - start)
+    thread.join()
+    slow.sendall(request[head_end + 40:])
+    reply = slow.recv(65536)
+    slow.close()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert len(times) >= 10 and max(times) < 1.0, times
+
+
+def test_concurrent_clients_all_succeed(server):
+    proc, url = server
+    body, kind = loadgen.multipart([("file", "ok.png", "image/png", GOOD)])
+    result = loadgen.run_load(url, body, kind, clients=8, requests=400, seconds=60)
+    assert result["statuses"] == {200: 400}, result
+    assert proc.poll() is None and rss_kb(proc.pid) < 250 * 1024
+
+
+def test_server_never_imports_torch(exported_models):
+    probe = ("import sys; from pathlib import Path; from mnist_pipeline.serve import create_app; "
+             f"create_app(Path({str(exported_models[1] / 'model.onnx')!r})); "
+             "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_model_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([str(Path(sys.executable).parent / "mnist-serve"), "--model", str(tmp_path / "x.onnx"),
+                             "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                             "(.ci/run installs them)")
+def test_page_draws_uploads_and_shows_what_the_model_saw(server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    _, url = server
+    with chromium(tmp_path / "profile") as driver:
+        driver.get(url + "/")
+        wait_answers(driver, 0)
+        canvas = driver.find_element(By.ID, "pad")
+        draw_strokes(driver, canvas, [[(140, 40), (140, 240)], [(120, 60), (140, 40)]])
+        wait_answers(driver, 1)
+        assert driver.find_element(By.ID, "prediction").text in list("0123456789")
+        assert driver.find_element(By.ID, "seen").get_attribute("src").startswith("data:image/png;base64,")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 10
+        assert "1,234" in driver.find_element(By.ID, "card").text and "50.00 %" in driver.find_element(By.ID, "card").text
+        answers = int(driver.execute_script("return document.body.dataset.answers"))
+        driver.find_element(By.ID, "clear").click()
+        assert driver.find_element(By.ID, "prediction").text == "–"
+        (tmp_path / "photo.png").write_bytes(GOOD)
+        driver.find_element(By.ID, "upload").send_keys(str(tmp_path / "photo.png"))
+        wait_answers(driver, answers + 1)
+        assert driver.find_element(By.ID, "prediction").text in list("0123456789")
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
