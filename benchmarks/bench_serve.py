@@ -3,7 +3,7 @@
     python benchmarks/bench_serve.py          # needs models/export/model.onnx (dvc repro)
 
 - the server: `mnist-serve` as a real process, with 1 and with 2 worker processes, alternated
-  over 3 rounds (this host's speed drifts by tens of per cent within minutes; the median round is
+  over 5 rounds (this host's speed drifts by tens of per cent within minutes; the median round is
   reported); 8 keep-alive clients (benchmarks/loadgen.py, in this same run, on the same 2 cores)
   post one 200×200 PNG digit per request; requests/s, p50/p90/p99 latency, and the resident
   memory of the server's processes after the run (VmRSS, supervisor and workers summed);
@@ -27,7 +27,7 @@ from PIL import Image
 import common
 import loadgen
 
-CLIENTS, REQUESTS, SECONDS, ROUNDS = 8, 4000, 60, 3
+CLIENTS, REQUESTS, SECONDS, ROUNDS = 8, 4000, 60, 5
 
 
 def digit_png() -> bytes:
