@@ -254,3 +254,25 @@ def test_page_draws_uploads_and_shows_what_the_model_saw(server, tmp_path):
         driver.save_screenshot(str(tmp_path / "page.png"))
     assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_two_workers_share_the_port_and_stop_on_ctrl_c(exported_models):
+    with served(exported_models[1] / "model.onnx", "--workers", "2") as (proc, url):
+        body, kind = loadgen.multipart([("file", "ok.png", "image/png", GOOD)])
+        result = loadgen.run_load(url, body, kind, clients=4, requests=100, seconds=60)
+        assert result["statuses"] == {200: 100}
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, "two worker processes under the supervisor"
+    # served() checked the supervisor's clean exit; no worker may outlive it.
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_bad_model_with_workers_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    result = subprocess.run([str(Path(sys.executable).parent / "mnist-serve"), "--model", str(tmp_path / "bad.onnx"),
+                             "--port", "0", "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
