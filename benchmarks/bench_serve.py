@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 import subprocess
 import sys
@@ -21,21 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 import common
 import loadgen
 
 CLIENTS, REQUESTS, SECONDS, ROUNDS = 8, 4000, 60, 5
 
 
-def digit_png() -> bytes:
-    canvas = np.full((200, 200), 255, np.uint8)
-    canvas[30:170, 95:110] = 0
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def rss_mb(pid: int) -> float:
@@ -81,7 +71,7 @@ def main() -> None:
     model = common.ROOT / "models" / "export" / "model.onnx"
     if not model.exists():
         sys.exit("run `dvc repro` first: this benchmark serves models/export/model.onnx")
-    image = digit_png()
+    image = loadgen.digit_png()
     results: dict = {"image_bytes": len(image), "clients": CLIENTS, "rounds": {1: [], 2: []}}
     for _ in range(ROUNDS):
         for workers in (1, 2):

@@ -8,11 +8,24 @@ pre-encoded multipart request back to back and times each answer; the run stops 
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import statistics
 import time
 import uuid
 from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+
+def digit_png(height: int = 200, width: int = 200) -> bytes:
+    """A plain test upload: a dark vertical stroke (a "1") on white paper, as a grayscale PNG."""
+    canvas = np.full((height, width), 255, np.uint8)
+    canvas[height * 3 // 20: height * 17 // 20, width * 19 // 40: width * 22 // 40] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(canvas).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def multipart(files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -110,6 +111,17 @@ def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- the real server and a real browser
+
+
+def _load_loadgen():
+    # benchmarks/loadgen.py: the load generator and sample upload the serving benchmark uses too.
+    spec = importlib.util.spec_from_file_location("loadgen", ROOT / "benchmarks" / "loadgen.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+loadgen = _load_loadgen()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from helpers import loadgen
 from mnist_pipeline import predict
 from mnist_pipeline.images import FORMATS, MAX_PIXELS, ImageError, prepare_file
 
@@ -32,15 +33,7 @@ SAVE_AS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "GIF": "gif", "TIFF": "tif
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def digit_png() -> bytes:
-    canvas = np.full((120, 90), 255, np.uint8)
-    canvas[20:100, 40:52] = 0
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-GOOD = digit_png()
+GOOD = loadgen.digit_png(120, 90)
 
 
 def encode(pixels: np.ndarray, mode: str, fmt: str, exif_orientation: int | None = None) -> bytes:

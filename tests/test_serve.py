@@ -6,7 +6,6 @@ tests/test_real_data.py drives the page with the trained model and checks the di
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -23,23 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, served, wait_answers
+from helpers import CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, loadgen, served, wait_answers
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("loadgen", ROOT / "benchmarks" / "loadgen.py")
-loadgen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(loadgen)
-
-
-def digit_png(size=(140, 110)) -> bytes:
-    canvas = np.full(size, 255, np.uint8)
-    canvas[20:120, 50:62] = 0
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-GOOD = digit_png()
+GOOD = loadgen.digit_png(140, 110)
 CARD = {"model": "cnn", "parameters": 1234, "test_accuracy": 0.5, "classes": list("0123456789")}
 
 
