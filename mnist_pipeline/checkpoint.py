@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_pipeline.errors import CheckpointError
+from mnist_pipeline.errors import CheckpointError, first_line
 from mnist_pipeline.fileio import sha256_file, write_torch
 from mnist_pipeline.models import build_model
 
@@ -53,8 +53,7 @@ class Checkpoint:
             model = build_model(self.model, **self.model_kwargs)
             model.load_state_dict(self.state_dict)
         except (TypeError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"checkpoint does not rebuild its {self.model!r} model: {first}") from None
+            raise CheckpointError(f"checkpoint does not rebuild its {self.model!r} model: {first_line(exc)}") from None
         return model.eval()
 
 
@@ -64,10 +63,9 @@ def _load(path: Path, what: str) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: {what} not found") from None
     except Exception as exc:  # UnpicklingError for pickled code, RuntimeError for a broken zip
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a valid {what} (it is corrupt, truncated, or carries pickled objects, "
-            f"which weights_only loading refuses): {first}"
+            f"which weights_only loading refuses): {first_line(exc)}"
         ) from None
 
 

@@ -68,8 +68,8 @@ def extra_checksums(dataset: str, env: Mapping[str, str] = os.environ) -> dict[s
     return pins.get(dataset, {})
 
 
-def _digests(path: Path, limit: int) -> tuple[str, str | None, int, str | None]:
-    """(md5 of the file, sha256 of its gzip payload, payload size, why the payload is unusable).
+def _digests(path: Path, limit: int) -> tuple[str, str | None, str | None]:
+    """(md5 of the file, sha256 of its gzip payload, why the payload is unusable).
 
     Inflates chunk by chunk and gives up once the payload passes `limit` bytes."""
     md5, sha = hashlib.md5(), hashlib.sha256()
@@ -94,14 +94,14 @@ def _digests(path: Path, limit: int) -> tuple[str, str | None, int, str | None]:
                 problem = f"not a gzip file ({exc})"
     if not problem and not inflate.eof:
         problem = f"not a complete gzip file ({path.stat().st_size} bytes)"
-    return md5.hexdigest(), (None if problem else sha.hexdigest()), size, problem
+    return md5.hexdigest(), (None if problem else sha.hexdigest()), problem
 
 
 def verify_file(path: Path, spec: IdxFile, extra: Mapping[str, str]) -> None:
     """Raise ChecksumError unless `path` holds the official file or a pinned payload."""
     if path.stat().st_size > max_gz_bytes(spec):
         raise ChecksumError(f"{path.stat().st_size:,} bytes, more than a {spec.name} can be")
-    gz_md5, payload_sha, _, problem = _digests(path, spec.size)
+    gz_md5, payload_sha, problem = _digests(path, spec.size)
     if gz_md5 == spec.gz_md5:
         return
     if problem:

@@ -9,6 +9,13 @@ exits with `exit_code`; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors
+    about failures inside libraries whose messages run to many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PipelineError(Exception):
     """An expected failure; `str(error)` says what went wrong and what to do."""
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.errors import ModelFileError
+from mnist_pipeline.errors import ModelFileError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 INPUT_SPEC = "float32 N×1×28×28: grayscale, white digit on black, (pixel/255 - mean) / std; output N×10 logits"
@@ -75,8 +75,7 @@ def _load_onnx(path: Path, threads: int | None) -> Model:
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: not a loadable ONNX model: {first}") from None
+        raise ModelFileError(f"{path}: not a loadable ONNX model: {first_line(exc)}") from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ModelFileError(f"{path}: expected one input, the model has {len(inputs)}")
@@ -92,8 +91,7 @@ def _load_pt2(path: Path) -> Model:
     try:
         module = torch.export.load(str(path), extra_files=extra).module()
     except Exception as exc:  # a corrupt archive fails in many ways inside torch
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: not a loadable .pt2 model: {first}") from None
+        raise ModelFileError(f"{path}: not a loadable .pt2 model: {first_line(exc)}") from None
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

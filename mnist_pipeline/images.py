@@ -73,7 +73,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             if image.width * image.height > max_pixels:
                 raise TooLarge(f"image is {image.width}×{image.height} pixels, over the {max_pixels:,} "
-                                 "pixel limit (a decompression bomb?)")
+                               "pixel limit (a decompression bomb?)")
             image.load()
     except ImageError:
         raise
@@ -170,4 +170,11 @@ def prepare(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def prepare_file(path: Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
-    return prepare(read_bounded(path, max_bytes), max_pixels)
+    """`prepare` for a file, read with `read_bounded`; ImageError for anything unusable."""
+    try:
+        data = read_bounded(path, max_bytes)
+    except PipelineError:
+        raise
+    except Exception as exc:  # an unreadable path in some other way: this file's error, not the run's end
+        raise ImageError(f"cannot read this file: {type(exc).__name__}: {exc}") from None
+    return prepare(data, max_pixels)

@@ -67,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(args.images):
         try:
             prepared[i] = prepare_file(path)
-        except ImageError as exc:
+        except ImageError as exc:  # prepare_file turns every per-file failure into one
             errors[i] = str(exc)
-        except Exception as exc:  # whatever else one file does, it is that file's error line
-            errors[i] = f"cannot read this image: {type(exc).__name__}: {exc}"
     # One batched inference call for every readable image, then answers in input order.
     probs = dict(zip(prepared, model.probabilities(np.stack(list(prepared.values()))))) if prepared else {}
     for i, path in enumerate(args.images):

@@ -117,10 +117,8 @@ def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starle
             return None, {**entry, "status": 415, "error": f"unsupported media type {kind!r}: send {FORMAT_NAMES}"}
         try:
             return prepare(data), entry
-        except ImageError as exc:
+        except ImageError as exc:  # prepare turns every per-image failure into one
             return None, {**entry, "status": status_of(exc), "error": str(exc)}
-        except Exception as exc:  # whatever one image does, it is that image's error
-            return None, {**entry, "status": 400, "error": f"cannot prepare this image: {type(exc).__name__}"}
 
     async def predict(request: Request) -> Response:
         length = request.headers.get("content-length")
