@@ -17,6 +17,12 @@ class IdxFile:
     gz_md5: str  # the official .gz file
     raw_sha256: str | None = None  # the decompressed payload, whatever the compression
 
+    @property
+    def payload(self) -> str:
+        """The decompressed file's name: what the download stage keeps, so that its DVC hash
+        is the data's and not the compression's (every mirror gives the same dvc.lock)."""
+        return self.name.removesuffix(".gz")
+
 
 @dataclass(frozen=True)
 class DatasetSpec:

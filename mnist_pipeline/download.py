@@ -2,7 +2,8 @@
 
 A file is kept only once verified: its .gz matches the official checksum, or its
 decompressed payload matches a pinned one (mirrors often recompress the files, so
-the .gz bytes differ while the data is identical). Sources are tried in order —
+the .gz bytes differ while the data is identical). It is kept decompressed, so its
+bytes, hence its DVC hash in dvc.lock, do not depend on the mirror that served it. Sources are tried in order —
 `MNIST_MIRROR` first when set, then the dataset's public (https) mirrors — and a
 source serving corrupt, truncated or oversized data is skipped for the next.
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from mnist_pipeline.datasets import DatasetSpec, IdxFile
 from mnist_pipeline.errors import DatasetError
-from mnist_pipeline.fileio import atomic_path
+from mnist_pipeline.fileio import atomic_path, scratch_path, sha256_file
 
 MIRROR_ENV = "MNIST_MIRROR"
 # Extra pinned payload checksums, {dataset: {file name: sha256 of the decompressed file}},
@@ -106,7 +107,7 @@ def verify_file(path: Path, spec: IdxFile, extra: Mapping[str, str]) -> None:
         return
     if problem:
         raise ChecksumError(problem)
-    pinned = [s for s in (spec.raw_sha256, extra.get(spec.name)) if s]
+    pinned = _pinned(spec, extra)
     if payload_sha in pinned:
         return
     raise ChecksumError(
@@ -174,6 +175,25 @@ def _is_permanent(exc: Exception) -> bool:
     return isinstance(exc, (FileNotFoundError, PermissionError, ValueError))
 
 
+def _pinned(spec: IdxFile, extra: Mapping[str, str]) -> list[str]:
+    return [s for s in (spec.raw_sha256, extra.get(spec.name)) if s]
+
+
+def _inflate(gz: Path, dest: Path, limit: int) -> None:
+    inflate = zlib.decompressobj(wbits=31)
+    size = 0
+    with open(gz, "rb") as src, open(dest, "wb") as out:
+        for chunk in iter(lambda: src.read(CHUNK), b""):
+            data = chunk
+            while data and not inflate.eof:
+                piece = inflate.decompress(data, CHUNK)
+                size += len(piece)
+                if size > limit:  # verified already, so only a hash collision could get here
+                    raise ChecksumError(f"payload larger than the {limit:,} bytes this file has")
+                out.write(piece)
+                data = inflate.unconsumed_tail
+
+
 def download_file(
     spec: IdxFile,
     urls: list[str],
@@ -185,22 +205,26 @@ def download_file(
     backoff: float = 1.0,
     log: Callable[[str], None] = lambda msg: None,
 ) -> str:
-    """Make `folder/spec.name` a verified copy; return where it came from ('present' if kept)."""
-    dest = folder / spec.name
+    """Make `folder/spec.payload` the verified, decompressed file; return where it came from
+    ('present' if kept). The .gz is fetched beside it, verified, inflated and deleted."""
+    dest = folder / spec.payload
+    stale_gz = folder / spec.name  # what versions before the decompressed layout kept
+    stale_gz.unlink(missing_ok=True)
     if dest.exists():
-        try:
-            verify_file(dest, spec, extra)
+        pinned = _pinned(spec, extra)
+        if dest.stat().st_size <= spec.size and sha256_file(dest) in pinned:
             return "present"
-        except ChecksumError as exc:
-            log(f"{dest}: {exc}; fetching it again")
+        log(f"{dest}: " + ("checksum mismatch" if pinned else "no pinned payload checksum to verify it against")
+            + "; fetching it again")
     failures: list[str] = []
     for base in urls:
         url = base + spec.name
         for attempt in range(retries + 1):
             try:
-                with atomic_path(dest) as tmp:
-                    _fetch(url, tmp, timeout, max_gz_bytes(spec))
-                    verify_file(tmp, spec, extra)
+                with scratch_path(folder, spec.name) as gz, atomic_path(dest) as tmp:
+                    _fetch(url, gz, timeout, max_gz_bytes(spec))
+                    verify_file(gz, spec, extra)
+                    _inflate(gz, tmp, spec.size)
                 return url
             except ChecksumError as exc:
                 failures.append(f"{url}: {exc}")
@@ -224,8 +248,8 @@ def download_file(
 
 
 def download(spec: DatasetSpec, folder: Path, env: Mapping[str, str] = os.environ, **kwargs) -> dict[str, str]:
-    """Fetch and verify the dataset's four files into `folder`; {file name: source}."""
+    """Fetch, verify and decompress the dataset's four files into `folder`; {payload name: source}."""
     urls = sources(spec, env)
     extra = extra_checksums(spec.name, env)
     folder.mkdir(parents=True, exist_ok=True)
-    return {f.name: download_file(f, urls, folder, extra, **kwargs) for f in spec.files}
+    return {f.payload: download_file(f, urls, folder, extra, **kwargs) for f in spec.files}

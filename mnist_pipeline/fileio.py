@@ -73,6 +73,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def scratch_path(folder: str | os.PathLike[str], name: str) -> Iterator[Path]:
+    """Yield a temporary path in `folder` (named like atomic_path's, so remove_stale_temps
+    finds it after a kill) that is always deleted afterwards."""
+    stem, dot, suffix = name.rpartition(".")
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{stem or suffix}.", suffix=f".tmp{dot}{suffix if stem else ''}")
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -74,8 +74,8 @@ def read_labels(path: Path, num_classes: int) -> torch.Tensor:
 
 
 def read_split(folder: Path, images: IdxFile, labels: IdxFile, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = read_images(folder / images.name)
-    y = read_labels(folder / labels.name, num_classes)
+    x = read_images(folder / images.payload)
+    y = read_labels(folder / labels.payload, num_classes)
     if len(x) != len(y):
-        raise DatasetError(f"{folder}: {images.name} holds {len(x)} images but {labels.name} holds {len(y)} labels")
+        raise DatasetError(f"{folder}: {images.payload} holds {len(x)} images but {labels.payload} holds {len(y)} labels")
     return x, y

@@ -1,7 +1,8 @@
 """download stage: fetch the dataset's four IDX files and verify each one.
 
 Params: dataset.
-Writes: OUT_DIR/ holding train/t10k images/labels .gz, each verified against pinned checksums.
+Writes: OUT_DIR/ holding the decompressed train/t10k images/labels IDX files, each verified against
+pinned checksums (decompressed, so dvc.lock's hash is the same whichever mirror served them).
 Environment: MNIST_MIRROR, a folder or file:// / http(s):// URL tried before the public mirrors;
 MNIST_CHECKSUMS, a JSON file of extra payload sha256s per dataset (private data).
 """

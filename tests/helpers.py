@@ -52,8 +52,9 @@ def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8), labels.to(torch.uint8)
 
 
-def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
-    """Write the four .gz files of a tiny dataset into `folder`; return a MNIST_CHECKSUMS json ({"mnist": pins})."""
+def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, compressed: bool = True) -> Path:
+    """Write the four .gz files of a tiny dataset into `folder` (or, not `compressed`, the decompressed
+    files the download stage keeps); return a MNIST_CHECKSUMS json ({"mnist": pins})."""
     folder.mkdir(parents=True, exist_ok=True)
     train_x, train_y = synthetic_digits(n_train, seed)
     test_x, test_y = synthetic_digits(n_test, seed + 1)
@@ -61,7 +62,10 @@ def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200, seed: int 
     for spec, tensor in ((SPEC.train_images, train_x), (SPEC.train_labels, train_y),
                          (SPEC.test_images, test_x), (SPEC.test_labels, test_y)):
         payload = idx_bytes(tensor)
-        (folder / spec.name).write_bytes(gzip.compress(payload, mtime=0))
+        if compressed:
+            (folder / spec.name).write_bytes(gzip.compress(payload, mtime=0))
+        else:
+            (folder / spec.payload).write_bytes(payload)
         pins[spec.name] = hashlib.sha256(payload).hexdigest()
     checksums = folder.parent / f"{folder.name}-checksums.json"
     checksums.write_text(json.dumps({"mnist": pins}))

@@ -108,7 +108,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_preprocess_twice_gives_identical_bytes(tmp_path):
-    write_mirror(tmp_path / "raw", n_train=300, n_test=50)
+    write_mirror(tmp_path / "raw", n_train=300, n_test=50, compressed=False)
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text().replace("val_size: 5000", "val_size: 50"))
     outs = []

@@ -60,10 +60,11 @@ def test_readers_check_shapes_ranges_and_counts(tmp_path):
     (tmp_path / "notgz.gz").write_bytes(b"plain bytes")
     with pytest.raises(DatasetError, match="notgz.gz: not a valid gzip file"):
         read_images(tmp_path / "notgz.gz")
-    write_mirror(tmp_path / "m", n_train=50, n_test=20)
-    (tmp_path / "m" / SPEC.test_labels.name).write_bytes(gzip.compress(idx_bytes(labels)))
-    with pytest.raises(DatasetError, match="holds 20 images but t10k-labels-idx1-ubyte.gz holds 10 labels"):
-        read_split(tmp_path / "m", SPEC.test_images, SPEC.test_labels, 10)
+    images20, _ = synthetic_digits(20, seed=1)
+    (tmp_path / SPEC.test_images.payload).write_bytes(idx_bytes(images20))
+    (tmp_path / SPEC.test_labels.payload).write_bytes(idx_bytes(labels))
+    with pytest.raises(DatasetError, match="holds 20 images but t10k-labels-idx1-ubyte holds 10 labels"):
+        read_split(tmp_path, SPEC.test_images, SPEC.test_labels, 10)
 
 
 # ---------------------------------------------------------------- verification and download
@@ -89,11 +90,47 @@ def test_download_from_directory_and_skip_when_present(tmp_path):
     out = tmp_path / "raw"
     spec = dataclasses.replace(SPEC, mirrors=())
     got = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
-    assert set(got) == {f.name for f in spec.files}
+    assert set(got) == {f.payload for f in spec.files}
     assert all(src.startswith("file://") for src in got.values())
     again = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
     assert set(again.values()) == {"present"}
-    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in spec.files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.payload for f in spec.files)
+
+
+def test_kept_files_do_not_depend_on_the_mirror_or_its_compression(tmp_path):
+    """dvc.lock hashes data/raw: the official .gz files, a recompressed copy and a second mirror
+    must leave the same bytes, or a lock made from one mirror is stale for a user of another."""
+    pins = write_mirror(tmp_path / "a")
+    recompressed = tmp_path / "b"
+    recompressed.mkdir()
+    for f in SPEC.files:
+        payload = gzip.decompress((tmp_path / "a" / f.name).read_bytes())
+        (recompressed / f.name).write_bytes(gzip.compress(payload, compresslevel=1, mtime=12345))
+        assert (recompressed / f.name).read_bytes() != (tmp_path / "a" / f.name).read_bytes()
+    spec = dataclasses.replace(SPEC, mirrors=())
+    kept = {}
+    for mirror in ("a", "b"):
+        out = tmp_path / f"raw-{mirror}"
+        download(spec, out, mirror_env(tmp_path / mirror, pins), retries=0)
+        kept[mirror] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert kept["a"] == kept["b"]
+    assert kept["a"][SPEC.train_labels.payload] == gzip.decompress((tmp_path / "a" / SPEC.train_labels.name).read_bytes())
+
+
+def test_a_kept_file_that_changed_is_fetched_again_and_old_gz_layout_is_replaced(tmp_path):
+    pins = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "raw"
+    spec = dataclasses.replace(SPEC, mirrors=())
+    download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
+    good = (out / SPEC.train_labels.payload).read_bytes()
+    (out / SPEC.train_labels.payload).write_bytes(good[:-1] + b"\x09")
+    (out / SPEC.test_labels.name).write_bytes(b"a .gz kept by an older version")
+    logs: list[str] = []
+    got = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0, log=logs.append)
+    assert got[SPEC.train_labels.payload].startswith("file://") and got[SPEC.test_labels.payload] == "present"
+    assert any("checksum mismatch; fetching it again" in line for line in logs)
+    assert (out / SPEC.train_labels.payload).read_bytes() == good
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.payload for f in SPEC.files)
 
 
 def test_corrupt_mirror_falls_through_to_next_and_leaves_no_partial_file(tmp_path):
@@ -109,7 +146,7 @@ def test_corrupt_mirror_falls_through_to_next_and_leaves_no_partial_file(tmp_pat
     got = download(spec, out, mirror_env(tmp_path / "good", pins, first=bad.as_uri()), retries=0, log=logs.append)
     assert all(src.startswith((tmp_path / "good").as_uri()) for src in got.values())
     assert any("not a complete gzip file" in line for line in logs)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in SPEC.files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.payload for f in SPEC.files)
 
 
 def test_all_sources_fail_lists_each_and_explains_mirror(tmp_path):
@@ -194,7 +231,7 @@ def test_http_truncated_mirror_is_skipped_and_503_is_retried(tmp_path, http_mirr
     assert all(src.startswith(flaky) for src in got.values())
     assert any("truncated" in line for line in logs)
     assert any("retrying" in line for line in logs)
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(f.name for f in SPEC.files)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(f.payload for f in SPEC.files)
 
 
 def test_which_failures_are_retried():
@@ -222,7 +259,7 @@ def test_body_longer_than_the_file_can_be_is_cut_off(tmp_path, http_mirror):
     spec = dataclasses.replace(SPEC, mirrors=(), train_labels=small(SPEC.train_labels, 100))
     with pytest.raises(DatasetError, match="sent more than the"):
         download(spec, tmp_path / "raw", mirror_env(tmp_path, pins, first=endless), retries=0, log=logs.append)
-    assert not (tmp_path / "raw" / SPEC.train_labels.name).exists()
+    assert not (tmp_path / "raw" / SPEC.train_labels.payload).exists()
     assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith(".")], "no temp file left"
 
 
@@ -278,4 +315,4 @@ def test_stale_temp_files_are_removed_by_the_download_stage(tmp_path):
                              "--params", str(root / "params.yaml")], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and f"removed {stale}" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in SPEC.files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.payload for f in SPEC.files)

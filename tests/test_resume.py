@@ -21,7 +21,7 @@ OUTPUTS = ("checkpoint", "metrics", "history")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("resume")
-    write_mirror(work / "raw", n_train=1200, n_test=50)
+    write_mirror(work / "raw", n_train=1200, n_test=50, compressed=False)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["val_size"] = 100
     params["mlp"] = {"hidden": [256], "dropout": 0.1}

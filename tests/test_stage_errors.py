@@ -24,7 +24,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 def work(tmp_path_factory):
     """A tiny raw mirror, its processed folder, a valid checkpoint, history and eval.json."""
     work = tmp_path_factory.mktemp("stage-errors")
-    pins = write_mirror(work / "raw", n_train=300, n_test=50)
+    pins = write_mirror(work / "raw", n_train=300, n_test=50, compressed=False)
     params = {**PARAMS, "data": {"val_size": 50}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"),
@@ -79,10 +79,10 @@ CASES = {
     "download: mirror is not a folder": lambda w: (
         "download", [str(w / "dl")], {"MNIST_MIRROR": str(w / "nowhere")}, "MNIST_MIRROR="),
     "preprocess: raw files missing": lambda w: ("preprocess", [str(w / "empty-raw"), str(w / "p")], {},
-                                                "train-images-idx3-ubyte.gz: not found"),
+                                                "train-images-idx3-ubyte: not found"),
     "preprocess: raw file corrupt": lambda w: (
-        "preprocess", [str(bad(w, "train-images-idx3-ubyte.gz", b"\x1f\x8b junk").parent), str(w / "p")], {},
-        "train-images-idx3-ubyte.gz: not a valid gzip file"),
+        "preprocess", [str(bad(w, "train-images-idx3-ubyte", b"\x1f\x8b junk").parent), str(w / "p")], {},
+        "train-images-idx3-ubyte: bad magic number 0x1f8b206a"),
     "train: stats.json not JSON": lambda w: (
         "train", train_args(w, (lambda d: ((d / processed.STATS).write_text("{oops"), d)[1])(copy_data(w, "d1"))),
         {}, "stats.json: not readable JSON"),
