@@ -65,7 +65,7 @@ def main() -> None:
             repo = Path(tmp)
             fresh_copy(repo, model)
             seconds, _ = timed([DVC, "repro"], repo, env)
-            timing = json.loads((repo / "metrics" / "train_timing.json").read_text())
+            timing = json.loads((repo / "logs" / "train_timing.json").read_text())
             evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
             results["full_repro_seconds"][model] = round(seconds, 1)
             results["metrics"][model] = {"test_accuracy": evaluation["accuracy"], "params": evaluation["params"],

@@ -5,7 +5,8 @@
 
     GET  /          the page (served from the package, works offline)
     GET  /healthz   {"status": "ok", ...}
-    GET  /model     the model card (model_card.json beside the model)
+    GET  /model     the model card: model_card.json beside the model, or one folder up (the pipeline
+                    keeps it in git as models/model_card.json, beside the DVC-tracked models/export/)
     POST /predict   multipart form, one or more `file` fields → {"digit", "label", "probabilities", "input", …}
                     for one file, a list (one entry per file, bad ones with their own "error") for several
 
@@ -89,11 +90,13 @@ def png_data_url(digit: np.ndarray) -> str:
 
 
 def model_card(model_path: Path, classes: list[str]) -> dict[str, Any]:
-    card = model_path.parent / "model_card.json"
-    try:
-        return json.loads(card.read_text())
-    except (OSError, ValueError):
-        return {"model": None, "classes": classes, "note": f"no readable {card.name} beside {model_path.name}"}
+    for card in (model_path.parent / "model_card.json", model_path.parent.parent / "model_card.json"):
+        try:
+            return json.loads(card.read_text())
+        except (OSError, ValueError):
+            continue
+    return {"model": None, "classes": classes, "note": f"no readable model_card.json beside {model_path.name} "
+                                                       "or one folder up"}
 
 
 def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starlette:

@@ -3,7 +3,8 @@
 Params: export (formats, opset, parity_samples).
 Reads: CHECKPOINT, DATA_DIR/test.pt (the first parity_samples images, as parity inputs only:
 nothing is selected on them), --eval (test accuracy for the card).
-Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2, OUT_DIR/model_card.json, and --metrics
+Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2, --card (the model card: small and byte-stable,
+so it is kept in git while the models go to the DVC cache), and --metrics
 (per format: max absolute logit difference and top-1 agreement against PyTorch). Fails if
 any format disagrees with the checkpoint.
 """
@@ -27,6 +28,7 @@ def configure(parser) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--eval", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--card", type=Path, required=True)
 
 
 def test_accuracy(path: Path) -> float:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for fmt, result in report.items():
         export.check_parity(result, fmt)
 
-    write_json(args.out_dir / "model_card.json", {
+    write_json(args.card, {
         "model": ckpt.model,
         "model_kwargs": ckpt.model_kwargs,
         "parameters": count_parameters(model),

@@ -65,7 +65,7 @@ def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str
 
 def export_args(work: Path, ckpt: Path, data: Path, evaluation: Path) -> list[str]:
     return [str(ckpt), str(data), str(work / "out" / "export"), f"--eval={evaluation}",
-            f"--metrics={work / 'out' / 'export.json'}"]
+            f"--metrics={work / 'out' / 'export.json'}", f"--card={work / 'out' / 'card.json'}"]
 
 
 def bad(work: Path, name: str, content: bytes) -> Path:
@@ -134,6 +134,6 @@ def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
                    *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
                      "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "plots")],
-                     "export": ["--eval=x", "--metrics=x"]}.get(name, []), params=params)
+                     "export": ["--eval=x", "--metrics=x", "--card=x"]}.get(name, []), params=params)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: train.lr = 'fast' is invalid: expected a finite number"
