@@ -83,14 +83,16 @@ def output_roots() -> set[str]:
 
 
 def copy_repo(dest: Path) -> None:
-    """Source files as a fresh clone would have them (plus uncommitted edits), no pipeline outputs."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
+    """The files a fresh clone would have (git-tracked ones, committed metrics included, plus
+    uncommitted edits and new source files), without the DVC-tracked outputs."""
+    def listed(*flags: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", *flags, "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+        return list(filter(None, out.stdout.split("\0")))
+
     skip = output_roots()
-    for name in filter(None, listed):
+    untracked = [n for n in listed("-o", "--exclude-standard") if n.split("/")[0] not in skip]
+    for name in listed("-c") + untracked:
         src = ROOT / name
-        if name.split("/")[0] in skip and not name.endswith(".gitignore"):
-            continue
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)

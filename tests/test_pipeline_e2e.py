@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
 import yaml
 
-from helpers import DVC, git_repo_env, run, write_mirror
+from helpers import DVC, ROOT, git_repo_env, run, write_mirror
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
@@ -83,7 +84,7 @@ def test_outputs_are_tracked_by_dvc_not_git(project):
             "models/model_card.json"} <= changed, changed
     assert not [p for p in changed if p.startswith(("data/", "models/export", "models/checkpoint", "plots/figures"))]
     ignored = run(["git", "check-ignore", "data/processed", "models/checkpoint.pt", "models/export",
-                   "plots/figures", "logs/train_timing.json"], repo, env).stdout.split()
+                   "plots/figures/curves.png", "logs/train_timing.json"], repo, env).stdout.split()
     assert len(ignored) == 5, ignored
 
 
@@ -150,3 +151,25 @@ def test_editing_the_unused_models_section_reruns_nothing(project):
     status = json.loads(run([DVC, "status", "--json"], repo, env).stdout)
     assert set(status) == {"train"}, status  # evaluate and export follow once train's outputs change
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
+
+
+def test_reproduction_check_passes_on_a_rerun_and_fails_on_moved_accuracy(project):
+    """scripts/check_repro.py, CI's check that a rerun gives the committed numbers (last: it commits)."""
+    repo, env = project
+    run(["git", "checkout", "-q", "--", "."], repo, env)
+    run([DVC, "checkout", "-q", "-f"], repo, env, check=False)
+    run([DVC, "repro"], repo, env)  # nothing to do when the tests above ran
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline", "--allow-empty"], repo, env)
+    check = [sys.executable, str(ROOT / "scripts" / "check_repro.py")]
+    ok = run(check, repo, env)
+    assert "byte-level: identical to the commit" in ok.stdout and "within ±0.10 points" in ok.stdout
+
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    metrics["accuracy"] = round(metrics["accuracy"] - 0.02, 6)  # a commit whose numbers the code does not give
+    (repo / "metrics/eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    run(["git", "commit", "-qam", "numbers that do not reproduce"], repo, env)
+    moved = run(check, repo, env, check=False)
+    assert moved.returncode == 1
+    assert "error: test accuracy moved by +2.00 points" in moved.stderr
+    assert "metrics/eval.json" in moved.stdout  # the byte-level report names it too
