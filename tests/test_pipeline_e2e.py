@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -152,6 +153,33 @@ def test_editing_the_unused_models_section_reruns_nothing(project):
     assert set(status) == {"train"}, status  # evaluate and export follow once train's outputs change
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
 
+
+
+def test_pull_request_report(project):
+    """scripts/pr_report.py, the step the CI workflow (.github/workflows/report.yml) comments with CML."""
+    repo, env = project
+    run(["git", "checkout", "-q", "--", "."], repo, env)
+    run([DVC, "checkout", "-q", "-f"], repo, env, check=False)
+    run([DVC, "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "main before the pull request", "--allow-empty"], repo, env)
+    run(["git", "checkout", "-q", "-b", "pr"], repo, env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["mlp"]["hidden"] = [48]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([DVC, "repro"], repo, env)
+    run(["git", "commit", "-qam", "a wider MLP"], repo, env)
+    run([sys.executable, str(ROOT / "scripts" / "pr_report.py"), "--base", "main", "--out", "report.md"], repo, env)
+    report = (repo / "report.md").read_text()
+    rows = {line.split("|")[2].strip() for line in report.splitlines() if line.startswith("| metrics/")}
+    assert {"accuracy", "params"} <= rows, report
+    assert "| params.yaml | mlp.hidden | [32]" in report
+    images = re.findall(r"!\[[^]]*\]\(\./([^)]+)\)", report)
+    assert images == ["plots/figures/confusion.png", "plots/figures/curves.png"]
+    assert all((repo / image).stat().st_size > 1000 for image in images)
+    (repo / "report.md").unlink()
+    run(["git", "checkout", "-q", "main"], repo, env)
+    run([DVC, "checkout", "-q", "-f"], repo, env)
 
 def test_reproduction_check_passes_on_a_rerun_and_fails_on_moved_accuracy(project):
     """scripts/check_repro.py, CI's check that a rerun gives the committed numbers (last: it commits)."""
