@@ -64,6 +64,17 @@ def render() -> str:
     if dvc:
         lines += ["", f"No-op `dvc repro`: {dvc['noop_repro_seconds']:.2f} s (`dvc version` alone: "
                       f"{dvc['dvc_version_seconds']:.2f} s)."]
+    remote, queue = load("remote"), load("queue")
+    if remote:
+        lines += ["", f"Full artifact set over an ssh DVC remote on loopback ({remote['objects']} objects, "
+                      f"{remote['megabytes']} MB): `dvc push` {remote['push_seconds_median']:.1f} s, `dvc pull` "
+                      f"{remote['pull_seconds_median']:.1f} s; `scp -r` of the same objects "
+                      f"{remote['scp_seconds_median']:.1f} s (push {remote['push_vs_scp']}×, pull {remote['pull_vs_scp']}× "
+                      f"scp's time; medians of {remote['repeats']})."]
+    if queue:
+        runs = "; ".join(f"{label}: {r['seconds']:.1f} s ({r['speedup_vs_j1']}×)" for label, r in queue["sweeps"].items())
+        lines += ["", f"`dvc queue` on {queue['experiments']} experiments of {queue['epochs']} epochs: {runs}. "
+                      f"Best: {queue['best']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -106,6 +106,10 @@ def test_experiment_metrics_and_plots(project, tmp_path):
     assert confusion["revisions"] == ["HEAD", "cnn-exp"]
     assert len(confusion["content"]["data"]["values"]) == 2 * 200  # one row per test image and revision
     assert plots["Loss"][0]["revisions"] == ["HEAD", "cnn-exp"]
+    error = plots["Error rate"][0]["content"]  # .dvc/plots/error_log.json: 1 − accuracy on a log axis
+    assert error["encoding"]["y"]["scale"]["type"] == "log"
+    assert error["transform"][0]["calculate"].startswith("max(1 - datum['dvc_inferred_y_value']")
+    assert {row["field"] for row in error["data"]["values"]} == {"train_acc", "val_acc"}
     assert {p["revisions"][0] for p in plots["plots/figures/confusion.png"]} == {"HEAD", "cnn-exp"}
     out = tmp_path / "plots"
     run([DVC, "plots", "diff", "HEAD", "cnn-exp", "-o", str(out)], repo, env)

@@ -53,3 +53,15 @@ def test_figures_are_written(tmp_path):
     for name in ("c.png", "m.png", "h.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "h.png", "m.png"]
+
+
+def test_curves_show_the_error_rate_on_a_log_axis():
+    import pandas as pd
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1, 0.5, 0.4], "val_loss": [1, 0.6, 0.5],
+                            "train_acc": [0.9, 0.99, 0.995], "val_acc": [0.95, 0.991, 1.0]})
+    _, errors = reports.history_figure(history).axes
+    assert errors.get_yscale() == "log"
+    train, val = errors.get_lines()
+    assert list(train.get_ydata()) == pytest.approx([10.0, 1.0, 0.5])  # percent
+    assert list(val.get_ydata()) == pytest.approx([5.0, 0.9, 1e-3])   # a perfect epoch is clipped, not lost
