@@ -3,8 +3,8 @@
 Params: evaluate (batch_size).
 Reads: CHECKPOINT, DATA_DIR/test.pt, HISTORY (training curves).
 Writes: --metrics (accuracy, loss, macro F1, per-class precision/recall/F1, errors, params),
---confusion ({actual, predicted} rows for DVC's confusion template) and, in --plots,
-confusion.png, misclassified.png and curves.png.
+--confusion ({actual, predicted} rows for DVC's confusion template) and three figures:
+--confusion-png, --misclassified-png and --curves-png.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mnist_pipeline.models import count_parameters
 def configure(parser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data_dir", type=Path)
-    for option in ("history", "metrics", "confusion", "plots"):
+    for option in ("history", "metrics", "confusion", "confusion-png", "misclassified-png", "curves-png"):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
 
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     predicted = logits.argmax(1)
     write_json(args.confusion, reports.confusion_rows(labels, predicted, classes))
     reports.plot_confusion(reports.confusion_matrix(labels, predicted, len(classes)), classes,
-                           args.plots / "confusion.png")
-    reports.plot_misclassified(images, labels, logits, classes, args.plots / "misclassified.png")
-    reports.plot_history(history, args.plots / "curves.png")
+                           args.confusion_png)
+    reports.plot_misclassified(images, labels, logits, classes, args.misclassified_png)
+    reports.plot_history(history, args.curves_png)
     print(f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors of {metrics['samples']}), "
           f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f} → {args.metrics}")
     return 0

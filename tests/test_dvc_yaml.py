@@ -87,6 +87,6 @@ def test_processed_deps_are_files_the_processed_module_writes():
 
 def test_every_output_path_appears_in_the_command():
     for name, stage in STAGES.items():
-        for out in stage.get("outs", []):
+        for out in stage.get("outs", []) + stage.get("metrics", []):
             path = next(iter(out)) if isinstance(out, dict) else out
             assert path in stage["cmd"], f"stage {name}: output {path} is not passed to the script"

@@ -60,7 +60,8 @@ def train_args(work: Path, data: Path) -> list[str]:
 
 def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str]:
     return [str(ckpt), str(data), f"--history={history}", *[f"--{o}={work / 'out' / o}"
-                                                            for o in ("metrics", "confusion", "plots")]]
+                                                            for o in ("metrics", "confusion", "confusion-png",
+                                                                      "misclassified-png", "curves-png")]]
 
 
 def export_args(work: Path, ckpt: Path, data: Path, evaluation: Path) -> list[str]:
@@ -133,7 +134,8 @@ def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
     result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "train": 1, "evaluate": 2, "export": 3}[name],
                    *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
-                     "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "plots")],
+                     "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png",
+                                                       "misclassified-png", "curves-png")],
                      "export": ["--eval=x", "--metrics=x", "--card=x"]}.get(name, []), params=params)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: train.lr = 'fast' is invalid: expected a finite number"
