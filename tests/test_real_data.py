@@ -164,6 +164,25 @@ def test_pinned_payload_checksums_accept_recompressed_real_files(dataset, variab
         verify_file(Path(folder) / spec.name, spec, {})
 
 
+def test_committed_lock_does_not_depend_on_the_mirror(tmp_path):
+    """dvc.lock was made from one mirror; a recompressed copy of the same files must give the
+    same download output, so a teammate's lock is not "changed" (issue: sharing)."""
+    import gzip
+
+    mirror = tmp_path / "recompressed"
+    mirror.mkdir()
+    for spec in DATASETS["mnist"].files:
+        payload = gzip.decompress((Path(os.environ["MNIST_MIRROR"]) / spec.name).read_bytes())
+        (mirror / spec.name).write_bytes(gzip.compress(payload, compresslevel=1, mtime=1))
+    repo = tmp_path / "repo"
+    env = {**git_repo_env(repo), "MNIST_MIRROR": str(mirror)}
+    committed = (repo / "dvc.lock").read_text()
+    run([DVC, "repro", "--single-item", "download"], repo, env)
+    assert (repo / "dvc.lock").read_text() == committed
+    status = json.loads(run([DVC, "status", "--json", "preprocess"], repo, env).stdout)
+    assert "data/raw/mnist" not in json.dumps(status), status  # preprocess sees its input unchanged
+
+
 FASHION_FLOOR = 0.89  # measured 0.9051 (benchmarks/results/fashion_mnist.json)
 
 
