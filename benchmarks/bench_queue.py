@@ -40,7 +40,7 @@ def sh(args: list[str], repo: Path, env: dict[str, str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", type=int, default=4, help="experiments per sweep (4)")
-    parser.add_argument("--epochs", type=int, default=4, help="train.epochs of each experiment (4)")
+    parser.add_argument("--epochs", type=int, default=4, help="mlp.train.epochs of each experiment (4)")
     args = parser.parse_args()
     if "MNIST_MIRROR" not in os.environ:
         raise SystemExit("set MNIST_MIRROR (the benchmark downloads real MNIST into a fresh clone)")
@@ -54,7 +54,7 @@ def main() -> None:
         for label, workers, threads in CONFIGS:
             for _ in range(args.experiments):
                 seed += 1
-                sh([DVC, "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"train.epochs={args.epochs}",
+                sh([DVC, "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"mlp.train.epochs={args.epochs}",
                     "-n", f"q{seed}"], repo, env)
             run_env = {**env, **({"OMP_NUM_THREADS": threads} if threads else {})}
             start = time.perf_counter()

@@ -46,7 +46,7 @@ def matmul_gflops(n: int = 2048) -> float:
 
 
 def train_flops_per_image(name: str, params, batch: int = 256) -> float:
-    model = build_model(name, **params.section(name))
+    model = build_model(name, **params.model_kwargs())
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
@@ -55,7 +55,7 @@ def train_flops_per_image(name: str, params, batch: int = 256) -> float:
 
 def project_run(name: str, params, data, norm) -> dict:
     seed_everything(params.seed)
-    model = build_model(name, **params.section(name))
+    model = build_model(name, **params.model_kwargs())
     trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, params.seed,
                       torch.device("cpu"))
     epochs, start = [], time.perf_counter()
@@ -93,7 +93,7 @@ def baseline_run(name: str, params, data, norm, max_epochs: int, workers: int) -
                                              batch_size=params.train.batch_size, shuffle=True, num_workers=workers,
                                              persistent_workers=workers > 0,
                                              pin_memory=torch.cuda.is_available())
-        model = build_model(name, **params.section(name))
+        model = build_model(name, **params.model_kwargs())
         tp = params.train
         optimizer = make_optimizer(model, tp)
         schedule = make_schedule(optimizer, tp, math.ceil(len(train_idx) / tp.batch_size))

@@ -81,8 +81,8 @@ def random_affine(
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     tx, ty = draws[:, 2] * (2 * shift / w), draws[:, 3] * (2 * shift / h)
     # The sampling grid maps each output pixel centre (normalised to [-1, 1], align_corners=False)
-    # to an input position. Built by broadcasting rather than F.affine_grid, whose batched 3×2
-    # matmul costs ~5× more on a CPU (1.6 vs 0.3 ms per batch of 256).
+    # to an input position. Built by broadcasting rather than F.affine_grid, which takes 4.6×
+    # as long for a batch of 256 on the 2-core CPU (benchmarks/results/ops.json).
     xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1
     ys = ((torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1)[:, None]
     cos, sin, tx, ty = (v.to(x.dtype)[:, None, None] for v in (cos, sin, tx, ty))

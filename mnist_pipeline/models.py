@@ -1,17 +1,20 @@
 """The model registry: an MLP and a small CNN, both mapping N×1×28×28 to N×10 logits.
 
-Both are built from their params section (`mlp:` / `cnn:` in params.yaml) by
-`build_model(name, **kwargs)`; checkpoints store that name and those kwargs, so
-evaluate, export and predict rebuild the model from the checkpoint alone.
+Both are built from the architecture keys of their params section (`mlp:` / `cnn:` in
+params.yaml, without its `train:` recipe) by `build_model(name, **kwargs)`; checkpoints
+store that name and those kwargs, so evaluate, export and predict rebuild the model
+from the checkpoint alone.
 
 The CNN is a stack of stages of 3×3 conv → BatchNorm → ReLU with a 2×2 max-pool
 between stages, then global average pooling and one linear layer. The pool sits
 right after the stage's last convolution, before its BatchNorm and ReLU. That is a
 different model from conv → BN → ReLU → pool, not a reordering of the same one:
 BatchNorm's scale can be negative (then max and BN do not commute) and its batch
-statistics are taken over the pooled map. It is chosen because BatchNorm and ReLU
-are memory-bound on a CPU and run here on a quarter of the pixels, at the accuracy
-the README's results report for this CNN.
+statistics are taken over the pooled map. It is chosen because it is faster at the
+same accuracy: BatchNorm and ReLU are memory-bound on a CPU and run here on a quarter
+of the pixels, so a training step is 1.49× faster (benchmarks/results/ops.json), and
+trained with the same recipe and seed (42) it scored 99.40 % val / 99.55 % test against
+the textbook order's 99.36 % / 99.46 % (benchmarks/results/pool.json; one seed).
 """
 
 from __future__ import annotations

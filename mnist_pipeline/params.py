@@ -33,16 +33,6 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class MLPParams(Section):
-    hidden: tuple[Width, ...] = Field(min_length=1)
-    dropout: Probability
-
-
-class CNNParams(Section):
-    channels: tuple[Annotated[tuple[Width, ...], Field(min_length=1)], ...] = Field(min_length=1)
-    dropout: Probability
-
-
 class DataParams(Section):
     # Bounded by the chosen dataset's size in `parse_params`, the one place it is checked.
     val_size: Int = Field(ge=1)
@@ -79,6 +69,18 @@ class TrainParams(Section):
     early_stopping: EarlyStoppingParams
 
 
+class MLPParams(Section):
+    hidden: tuple[Width, ...] = Field(min_length=1)
+    dropout: Probability
+    train: TrainParams  # the MLP's own training recipe
+
+
+class CNNParams(Section):
+    channels: tuple[Annotated[tuple[Width, ...], Field(min_length=1)], ...] = Field(min_length=1)
+    dropout: Probability
+    train: TrainParams  # the CNN's own training recipe
+
+
 class EvaluateParams(Section):
     batch_size: Int = Field(ge=1)
 
@@ -97,7 +99,6 @@ class Params(Section):
     mlp: MLPParams
     cnn: CNNParams
     data: DataParams
-    train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
 
@@ -106,9 +107,21 @@ class Params(Section):
         """The selected model's section (`mlp:` or `cnn:`)."""
         return getattr(self, self.model)
 
+    @property
+    def train(self) -> TrainParams:
+        """The selected model's training recipe (`mlp.train` or `cnn.train`): each model is
+        trained with its own, so `dvc exp run -S model=cnn` uses the CNN's."""
+        return self.model_params.train
+
+    def with_train(self, **changes: Any) -> Params:
+        """A copy whose selected model's recipe has `changes` (tests, benchmarks)."""
+        section = self.model_params
+        return self.model_copy(update={self.model: section.model_copy(
+            update={"train": section.train.model_copy(update=changes)})})
+
     def model_kwargs(self) -> dict[str, Any]:
-        """The selected model's section, as keyword arguments for `models.build_model`."""
-        return self.model_params.model_dump(mode="json")
+        """The selected model's architecture, as keyword arguments for `models.build_model`."""
+        return self.model_params.model_dump(mode="json", exclude={"train"})
 
     def section(self, name: str) -> Any:
         """One top-level key as plain JSON/YAML values (lists, dicts, numbers, strings)."""

@@ -1,6 +1,7 @@
 """train stage: fit the selected model on the train split, keep the best epoch on val.
 
-Params: seed, dataset, model, the selected model's section (mlp or cnn), data, train.
+Params: seed, dataset, model, the selected model's section (mlp or cnn: its architecture and
+its training recipe, `<model>.train`), data.
 Reads: DATA_DIR/{train,val}.pt and DATA_DIR/stats.json.
 Writes: --checkpoint (self-describing, best on val), --metrics (best epoch, val scores),
 --history (per-epoch CSV for `dvc plots`), --timing (wall-clock figures, kept apart so the
@@ -47,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = processed.load_stats(args.data_dir)
     hashes = data_hashes({s: processed.split_path(args.data_dir, s) for s in ("train", "val")})
     run_params = {"seed": params.seed, "dataset": params.dataset, "model": params.model,
-                  params.model: params.model_kwargs(), "data": params.section("data"),
-                  "train": params.section("train")}
+                  params.model: params.section(params.model), "data": params.section("data")}
     model = models.build_model(params.model, **params.model_kwargs())
     trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device)
     num_params = models.count_parameters(model)

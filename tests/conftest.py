@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def params():
     """The repository's params.yaml, shrunk to sizes that train in a second."""
     p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    train = p.train.model_copy(update={"epochs": 2, "batch_size": 32, "lr": 0.05, "ema": 0.0})
-    return p.model_copy(update={"train": train, "mlp": p.mlp.model_copy(update={"hidden": (32,)}),
-                                "cnn": p.cnn.model_copy(update={"channels": ((4,), (8,))})})
+    quick = {"epochs": 2, "batch_size": 32, "lr": 0.05, "ema": 0.0}
+    return p.model_copy(update={
+        "mlp": p.mlp.model_copy(update={"hidden": (32,), "train": p.mlp.train.model_copy(update=quick)}),
+        "cnn": p.cnn.model_copy(update={"channels": ((4,), (8,)), "train": p.cnn.train.model_copy(update=quick)})})
 
 
 META = exported.metadata("cnn", list("0123456789"), 0.13, 0.31)

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def with_change(path: str, value):
-    data = copy.deepcopy(DEFAULTS)
+def with_change(path: str, value, base: dict | None = None):
+    data = copy.deepcopy(DEFAULTS if base is None else base)
     *parents, last = path.split(".")
     node = data
     for key in parents:
@@ -40,20 +40,21 @@ def test_defaults_are_valid_and_round_trip():
     [
         ("model", "cnnn", ["model", "'cnnn'", "mlp, cnn"]),
         ("dataset", "emnist", ["dataset", "'emnist'", "mnist, fashion_mnist, kmnist"]),
-        ("train.optimizer", "rmsprop", ["train.optimizer", "sgd, adam, adamw"]),
-        ("train.scheduler", "linear", ["train.scheduler", "onecycle, cosine, plateau, step, none"]),
-        ("train.lr", -0.1, ["train.lr", "-0.1", "> 0"]),
-        ("train.lr", 0, ["train.lr", "> 0"]),
-        ("train.batch_size", 0, ["train.batch_size", ">= 1"]),
-        ("train.epochs", 2.5, ["train.epochs", "an integer"]),
-        ("train.nesterov", "yes", ["train.nesterov", "true or false"]),
-        ("train.augment.rotate", "ten", ["train.augment.rotate", "a finite number"]),
+        ("mlp.train.optimizer", "rmsprop", ["mlp.train.optimizer", "sgd, adam, adamw"]),
+        ("mlp.train.scheduler", "linear", ["mlp.train.scheduler", "onecycle, cosine, plateau, step, none"]),
+        ("mlp.train.lr", -0.1, ["mlp.train.lr", "-0.1", "> 0"]),
+        ("mlp.train.lr", 0, ["mlp.train.lr", "> 0"]),
+        ("mlp.train.batch_size", 0, ["mlp.train.batch_size", ">= 1"]),
+        ("mlp.train.epochs", 2.5, ["mlp.train.epochs", "an integer"]),
+        ("mlp.train.nesterov", "yes", ["mlp.train.nesterov", "true or false"]),
+        ("mlp.train.augment.rotate", "ten", ["mlp.train.augment.rotate", "a finite number"]),
+        ("cnn.train.lr", 0, ["cnn.train.lr", "> 0"]),
         ("mlp.dropout", 1.0, ["mlp.dropout", "< 1"]),
         ("mlp.hidden", [], ["mlp.hidden", "at least 1"]),
         ("cnn.channels", [[8], []], ["cnn.channels[1]", "[]", "at least 1 item"]),
         ("data.val_size", 60000, ["data.val_size", "60000", "fewer than the 60000"]),
         ("export.formats", ["onnx", "torchscript"], ["export.formats", "onnx, pt2"]),
-        ("train.early_stopping", 3, ["train.early_stopping", "mapping"]),
+        ("mlp.train.early_stopping", 3, ["mlp.train.early_stopping", "mapping"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(path, value, fragments):
@@ -66,14 +67,23 @@ def test_bad_values_name_key_value_and_allowed(path, value, fragments):
 
 
 def test_unknown_key_is_named_with_allowed_keys():
-    data = with_change("train.learning_rate", 0.1)
-    with pytest.raises(ParamsError, match=r"unknown key 'train.learning_rate' \(allowed in train: epochs, .*lr"):
+    data = with_change("mlp.train.learning_rate", 0.1)
+    with pytest.raises(ParamsError, match=r"unknown key 'mlp.train.learning_rate' \(allowed in mlp.train: epochs, .*lr"):
         parse_params(data)
 
 
 def test_missing_key_is_named():
-    with pytest.raises(ParamsError, match=r"missing key 'train.augment.shift'"):
-        parse_params(with_change("train.augment.shift", DELETE))
+    with pytest.raises(ParamsError, match=r"missing key 'cnn.train.augment.shift'"):
+        parse_params(with_change("cnn.train.augment.shift", DELETE))
+
+
+def test_each_model_trains_with_its_own_recipe():
+    mlp = parse_params(with_change("cnn.train.lr", 0.3))
+    assert mlp.model == "mlp" and mlp.train.lr == DEFAULTS["mlp"]["train"]["lr"]
+    cnn = parse_params(with_change("model", "cnn", with_change("cnn.train.lr", 0.3)))
+    assert cnn.train.lr == 0.3
+    assert "train" not in cnn.model_kwargs() and set(cnn.model_kwargs()) == {"channels", "dropout"}
+    assert cnn.with_train(epochs=3).cnn.train.epochs == 3 and cnn.with_train(epochs=3).mlp == cnn.mlp
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):

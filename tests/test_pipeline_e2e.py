@@ -17,9 +17,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is n
 ACCURACY_FLOOR = 0.5
 TINY = {
     "data": {"val_size": 100},
-    "mlp": {"hidden": [32], "dropout": 0.0},
-    "cnn": {"channels": [[4], [8]], "dropout": 0.0},
-    "train": {"epochs": 2, "batch_size": 64, "ema": 0.0},
+    "mlp": {"hidden": [32], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
+    "cnn": {"channels": [[4], [8]], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
     "evaluate": {"batch_size": 100},
     "export": {"parity_samples": 50},
 }
@@ -122,7 +121,7 @@ def test_experiment_metrics_and_plots(project, tmp_path):
 def test_queued_sweep_shows_in_exp_show(project):
     repo, env = project
     for lr in ("0.01", "0.02"):
-        run([DVC, "exp", "run", "--queue", "-S", f"train.lr={lr}", "-n", f"lr-{lr}"], repo, env)
+        run([DVC, "exp", "run", "--queue", "-S", f"mlp.train.lr={lr}", "-n", f"lr-{lr}"], repo, env)
     run([DVC, "queue", "start", "-j", "1"], repo, env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -137,7 +136,7 @@ def test_queued_sweep_shows_in_exp_show(project):
     names = {exp.get("name") for rev in shown for exp in (rev.get("experiments") or [])}
     assert {"lr-0.01", "lr-0.02", "cnn-exp"} <= names
     header = run([DVC, "exp", "show", "--csv"], repo, env).stdout.splitlines()[0].split(",")
-    assert {"accuracy", "macro_f1", "train.lr"} <= set(header)
+    assert {"accuracy", "macro_f1", "mlp.train.lr"} <= set(header)
     assert {"val.acc", "train.loss", "step"} <= set(header)  # DVCLive's per-epoch metrics
 
 

@@ -24,8 +24,8 @@ def setup(tmp_path_factory):
     write_mirror(work / "raw", n_train=1200, n_test=50, compressed=False)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["val_size"] = 100
-    params["mlp"] = {"hidden": [256], "dropout": 0.1}
-    params["train"].update(epochs=6, batch_size=32, ema=0.99)
+    params["mlp"].update(hidden=[256], dropout=0.1)
+    params["mlp"]["train"].update(epochs=6, batch_size=32, ema=0.99)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"), str(work / "data"),
                     "--params", str(work / "params.yaml")], check=True, capture_output=True)
@@ -82,7 +82,7 @@ def test_sigkill_then_resume_is_byte_identical(setup, clean):
 
     # State saved for other params is never picked up ...
     other = yaml.safe_load((work / "params.yaml").read_text())
-    other["train"]["lr"] = 0.05
+    other["mlp"]["train"]["lr"] = 0.05
     (work / "other.yaml").write_text(yaml.safe_dump(other))
     different = subprocess.run(train_command(work, "other", "other.yaml"), capture_output=True, text=True)
     assert different.returncode == 0 and "resuming" not in different.stdout

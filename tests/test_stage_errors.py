@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(work, case):
 def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
     folder, _ = work
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**PARAMS, "train": {**PARAMS["train"], "lr": "fast"}}))
+    params.write_text(yaml.safe_dump({**PARAMS, "mlp": {**PARAMS["mlp"], "train": {**PARAMS["mlp"]["train"], "lr": "fast"}}}))
     result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "train": 1, "evaluate": 2, "export": 3}[name],
                    *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
@@ -138,4 +138,4 @@ def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
                                                        "misclassified-png", "curves-png")],
                      "export": ["--eval=x", "--metrics=x", "--card=x"]}.get(name, []), params=params)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: params.yaml: train.lr = 'fast' is invalid: expected a finite number"
+    assert result.stderr.strip() == "error: params.yaml: mlp.train.lr = 'fast' is invalid: expected a finite number"

@@ -33,7 +33,8 @@ def test_models_return_logits_and_count_parameters(name, kwargs, expected):
 
 def test_default_cnn_is_under_20k_parameters():
     defaults = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert count_parameters(build_model("cnn", **defaults.cnn.model_dump())) <= 20_000
+    cnn = defaults.model_copy(update={"model": "cnn"})
+    assert count_parameters(build_model("cnn", **cnn.model_kwargs())) <= 20_000
 
 
 def test_unknown_model_is_refused():
@@ -43,7 +44,7 @@ def test_unknown_model_is_refused():
 
 def make_trainer(params, model_name="mlp", seed=0, **train_changes):
     seed_everything(seed)
-    p = params.model_copy(update={"model": model_name, "train": params.train.model_copy(update=train_changes)})
+    p = params.model_copy(update={"model": model_name}).with_train(**train_changes)
     model = build_model(model_name, **p.model_kwargs())
     x, y = data()
     vx, vy = data(100, seed=5)
