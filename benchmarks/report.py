@@ -55,7 +55,7 @@ def render() -> str:
                                 if k.startswith("seconds_to"))
             two = e.get("baseline_workers2", {}).get("seconds_per_epoch")
             lines.append(f"| {model} | {e['project']['seconds_per_epoch']:.2f} | {e['baseline']['seconds_per_epoch']:.2f} "
-                         f"| {secs(two)} | {e['epoch_speedup']:.1f}× / {e.get('epoch_speedup_vs_workers2', 0):.1f}× "
+                         f"| {'–' if two is None else f'{two:.2f}'} | {e['epoch_speedup']:.1f}× / {e.get('epoch_speedup_vs_workers2', 0):.1f}× "
                          f"| {e['project']['images_per_second']:,.0f} | {targets} | "
                          f"{e['train_flops_per_image'] / 1e6:.1f} M | {e['fraction_of_matmul_rate']:.0%} |")
     if inference:
