@@ -73,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     for past in trainer.history:
         log_epoch(live, EpochStats(**past))
 
+    saved = start_epoch  # the epoch whose state is on disk: a Ctrl-C can land in the middle of a save
+
     def on_epoch(s: EpochStats) -> None:
+        nonlocal saved
         store.save(trainer.state_dict())
+        saved = s.epoch
         log_epoch(live, s)
         print(f"epoch {s.epoch:3d}/{params.train.epochs}  train loss {s.train_loss:.4f} acc {s.train_acc:.4f}  "
               f"val loss {s.val_loss:.4f} acc {s.val_acc:.4f}  lr {s.lr:.3g}", flush=True)
@@ -82,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seconds = trainer.fit(on_epoch, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the state after epoch {trainer.epoch} is kept in {store.path}; "
-              "run `dvc repro` again to resume", file=sys.stderr)
+        kept = (f"the state after epoch {saved} is kept in {store.path}; run `dvc repro` again to resume"
+                if saved else "no epoch's state was saved yet; `dvc repro` starts over")
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
         return 130
     finally:
         live.end()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import yaml
 
 from helpers import write_mirror
+from mnist_pipeline.fileio import is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("checkpoint", "metrics", "history")
@@ -50,6 +52,8 @@ def start_and_stop_after(work: Path, out: str, epochs: int, sig: int) -> subproc
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         for state in (work / "state").glob("*.pt"):
+            if is_temp_name(state.name):  # a save in progress: not yet the saved state
+                continue
             try:
                 done = torch.load(state, weights_only=True)["state"]["epoch"]
             except Exception:  # replaced while reading: look again
@@ -107,3 +111,21 @@ def test_ctrl_c_exits_cleanly_and_keeps_state(setup, clean):
     resumed = subprocess.run(train_command(work, "interrupted"), capture_output=True, text=True)
     assert resumed.returncode == 0 and "resuming after epoch" in resumed.stdout
     assert outputs(work, "interrupted") == clean
+
+
+def test_ctrl_c_in_the_middle_of_the_first_save_claims_no_saved_state(setup, monkeypatch, capsys):
+    """A Ctrl-C that lands while the first epoch's state is being written leaves no state (the
+    write is atomic): the message must not promise a resume."""
+    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "stages" / "train.py")
+    train_stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_stage)
+
+    def interrupted_save(self, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_stage.ResumeStore, "save", interrupted_save)
+    assert train_stage.main(train_command(setup, "first-save")[2:]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: no epoch's state was saved yet; `dvc repro` starts over" in err
+    assert "is kept in" not in err
+    assert not list((setup / "state").glob("*.pt"))
