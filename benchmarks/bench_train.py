@@ -32,7 +32,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 from mnist_pipeline.data import stratified_split
-from mnist_pipeline.datasets import DATASETS
 from mnist_pipeline.engine import Trainer, make_optimizer, make_schedule, predict_logits, seed_everything
 from mnist_pipeline.models import build_model, count_parameters
 
@@ -67,16 +66,6 @@ def project_run(name: str, params, data, norm) -> dict:
     return {"epochs": epochs, "params": count_parameters(model)}
 
 
-def mnist_folder(root: Path) -> Path:
-    """The raw files laid out as torchvision.datasets.MNIST expects them (uncompressed)."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in DATASETS["mnist"].files:
-        # The download stage keeps the decompressed files, under the names torchvision reads.
-        (raw / f.payload).write_bytes((common.ROOT / "data" / "raw" / "mnist" / f.payload).read_bytes())
-    return root
-
-
 def baseline_run(name: str, params, data, norm, max_epochs: int, workers: int) -> dict:
     from torchvision import datasets, transforms
 
@@ -86,7 +75,7 @@ def baseline_run(name: str, params, data, norm, max_epochs: int, workers: int) -
         steps = [transforms.RandomAffine(aug.rotate, translate=(aug.shift / 28, aug.shift / 28),
                                          scale=(1 - aug.scale, 1 + aug.scale))] if aug.enabled else []
         steps += [transforms.ToTensor(), transforms.Normalize((norm.mean,), (norm.std,))]
-        full = datasets.MNIST(mnist_folder(Path(tmp)), train=True, download=False,
+        full = datasets.MNIST(common.mnist_folder(Path(tmp)), train=True, download=False,
                               transform=transforms.Compose(steps))
         train_idx, _ = stratified_split(full.targets, params.data.val_size, params.seed)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(full, train_idx.tolist()),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mnist_pipeline.datasets import DATASETS
 from mnist_pipeline.processed import SPLITS, Stats, load_split, load_stats
 from mnist_pipeline.fileio import write_json
 from mnist_pipeline.params import Params, load_params
@@ -56,6 +57,16 @@ def processed() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not (folder / "train.pt").exists():
         sys.exit("benchmarks read the processed DVC outputs: run `MNIST_MIRROR=... dvc repro preprocess` first")
     return {split: load_split(folder, split) for split in SPLITS}
+
+
+def mnist_folder(root: Path) -> Path:
+    """The raw files laid out as torchvision.datasets.MNIST expects them (uncompressed), under `root`."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in DATASETS["mnist"].files:
+        # The download stage keeps the decompressed files, under the names torchvision reads.
+        (raw / f.payload).write_bytes((ROOT / "data" / "raw" / "mnist" / f.payload).read_bytes())
+    return root
 
 
 def stats() -> Stats:

@@ -208,6 +208,21 @@ _Loader.add_implicit_resolver(
 )
 
 
+def apply_overrides(params: Params, overrides: list[str]) -> Params:
+    """What `dvc exp run -S key=value ...` does to params.yaml: dotted keys, YAML values (benchmarks, tests)."""
+    data = params.model_dump(mode="json")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ParamsError(f"params.yaml: {key} is not a key (override {item!r})")
+        node[leaf] = yaml.load(value, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return parse_params(data)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.errors import ParamsError
-from mnist_pipeline.params import load_params, parse_params
+from mnist_pipeline.params import apply_overrides, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -84,6 +84,19 @@ def test_each_model_trains_with_its_own_recipe():
     assert cnn.train.lr == 0.3
     assert "train" not in cnn.model_kwargs() and set(cnn.model_kwargs()) == {"channels", "dropout"}
     assert cnn.with_train(epochs=3).cnn.train.epochs == 3 and cnn.with_train(epochs=3).mlp == cnn.mlp
+
+
+def test_overrides_act_like_dvc_exp_run_set_param():
+    base = parse_params(DEFAULTS)
+    changed = apply_overrides(base, ["model=cnn", "cnn.train.lr=2e-1", "cnn.train.augment.enabled=false"])
+    assert (changed.model, changed.train.lr, changed.train.augment.enabled) == ("cnn", 0.2, False)
+    assert changed.mlp == base.mlp
+    with pytest.raises(ParamsError, match=r"cnn\.train\.lrr is not a key"):
+        apply_overrides(base, ["cnn.train.lrr=0.1"])
+    with pytest.raises(ParamsError, match=r"seed\.x is not a key"):
+        apply_overrides(base, ["seed.x=1"])
+    with pytest.raises(ParamsError, match=r"cnn\.train\.lr = -1"):
+        apply_overrides(base, ["cnn.train.lr=-1"])
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path):
