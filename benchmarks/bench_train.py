@@ -38,12 +38,6 @@ from mnist_pipeline.models import build_model, count_parameters
 TARGETS = {"mlp": (0.975,), "cnn": (0.99, 0.994)}
 
 
-def matmul_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    seconds = common.median_time(lambda: a @ b, repeats=7, warmup=2)
-    return 2 * n**3 / seconds / 1e9
-
-
 def train_flops_per_image(name: str, params, batch: int = 256) -> float:
     model = build_model(name, **params.model_kwargs())
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
@@ -123,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     params, data, norm = common.defaults(), common.processed(), common.stats()
     n_train = len(data["train"][0])
-    peak = matmul_gflops()
+    peak = common.matmul_gflops()
     print(f"fp32 matmul: {peak:.1f} GFLOP/s")
     results: dict = {"matmul_gflops": round(peak, 1), "models": {}}
     for name in ("mlp", "cnn"):

@@ -52,6 +52,13 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def matmul_gflops(n: int = 2048) -> float:
+    """This machine's fp32 matmul rate now: a shared machine's speed varies from hour to hour."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = median_time(lambda: a @ b, repeats=7, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
 def processed() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     folder = ROOT / "data" / "processed"
     if not (folder / "train.pt").exists():

@@ -1,5 +1,6 @@
 """The README's quick start is what users run and what CI runs: keep the three in step."""
 
+import json
 import re
 from pathlib import Path
 
@@ -27,3 +28,16 @@ def test_requirements_pin_torch_and_install_the_project():
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     assert "torch==2.14.1" in lines and "torchvision==0.29.1" in lines and "-e ." in lines
     assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()
+
+
+def test_fast_recipe_in_readme_is_the_benchmarked_one_and_valid():
+    from mnist_pipeline.params import apply_overrides, load_params
+
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    command = re.search(r"^dvc exp run (-S model=cnn -S cnn\.train\.epochs=1 .*)$", readme, re.M).group(1)
+    overrides = command.split()[1::2]
+    measured = json.loads((ROOT / "benchmarks/results/canonical.json").read_text())["fast_recipe"]
+    assert overrides == measured
+    params = apply_overrides(load_params(ROOT / "params.yaml"), overrides)
+    assert (params.model, params.train.epochs, params.train.batch_size) == ("cnn", 1, 64)
+    assert params.train.ema == 0 and not params.train.augment.enabled
