@@ -68,6 +68,34 @@ def render() -> str:
     if dvc:
         lines += ["", f"No-op `dvc repro`: {dvc['noop_repro_seconds']:.2f} s (`dvc version` alone: "
                       f"{dvc['dvc_version_seconds']:.2f} s)."]
+        per_stage = dvc.get("stage_seconds")
+        if per_stage:
+            names = list(dict.fromkeys(name for model in per_stage.values() for name in model))
+            lines += ["", "Full `dvc repro` per stage, from a fresh copy with an empty cache (each stage from DVC's "
+                          "\"Running stage\" line to the next, so DVC's hashing of its outputs counts to it)"
+                          + (f"; this machine's fp32 matmul rate during that run: {dvc['matmul_gflops']} GFLOP/s"
+                             if "matmul_gflops" in dvc else "") + ":", "",
+                      "| model | " + " | ".join(names) + " | total |", "|---|" + "---|" * (len(names) + 1)]
+            for model, stages in per_stage.items():
+                lines.append(f"| {model} | " + " | ".join(secs(stages.get(n)) for n in names)
+                             + f" | {secs(dvc['full_repro_seconds'][model])} |")
+    export = load("export")
+    if export:
+        labels = {"dynamo": "`dynamo=True` (shipped)", "dynamo_no_optimize": "without the optimizer",
+                  "from_exported_program": "from a shared `torch.export` trace",
+                  "legacy_torchscript": "legacy TorchScript exporter (deprecated, to be removed)"}
+        ways = "; ".join(f"{labels[way]}: " + ", ".join(f"{model} {export['models'][model][way]['cold_process_seconds']:.1f} s"
+                                                        for model in export["models"]) for way in labels)
+        lines += ["", f"ONNX export, one fresh process each (imports included), parity ≤ 1e-4 for all: {ways}."]
+    canonical = load("canonical")
+    if canonical:
+        ours, theirs = canonical["pipeline"], canonical["canonical"]
+        lines += ["", f"Seconds of training to {canonical['target_test_accuracy']:.0%} test accuracy against the "
+                      f"canonical PyTorch example (pytorch/examples `mnist/main.py`'s recipe, same run): "
+                      f"pipeline {secs(ours['seconds_to_target'])} ({ours['params']:,} parameters, one epoch of "
+                      f"`{' '.join('-S ' + o for o in canonical['fast_recipe'])}`, chosen on validation), "
+                      f"example {secs(theirs['seconds_to_target'])} ({theirs['params']:,} parameters, "
+                      f"{len(theirs['epochs'])} epochs) → {canonical['speedup']}×."]
     remote, queue = load("remote"), load("queue")
     if remote:
         lines += ["", f"Full artifact set over an ssh DVC remote on loopback ({remote['objects']} objects, "
