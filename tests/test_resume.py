@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from helpers import write_mirror
-from mnist_pipeline.fileio import is_temp_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("checkpoint", "metrics", "history")
@@ -47,22 +47,30 @@ def outputs(work: Path, out: str) -> dict[str, bytes]:
 
 
 def start_and_stop_after(work: Path, out: str, epochs: int, sig: int) -> subprocess.Popen:
-    """Start training; once the saved state has `epochs` finished epochs, send `sig`."""
+    """Start training; as soon as it reports epoch `epochs` (printed after that epoch's state is
+    saved), send `sig`. Reading its output, not polling the state file, leaves the rest of the run
+    as the window for the signal: a slow poll on a loaded machine could miss the run's end."""
     proc = subprocess.Popen(train_command(work, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        for state in (work / "state").glob("*.pt"):
-            if is_temp_name(state.name):  # a save in progress: not yet the saved state
-                continue
-            try:
-                done = torch.load(state, weights_only=True)["state"]["epoch"]
-            except Exception:  # replaced while reading: look again
-                continue
-            if done >= epochs:
-                proc.send_signal(sig)
-                proc.wait(60)
-                return proc
-        time.sleep(0.02)
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if line.startswith(f"epoch {epochs:3d}/"):
+            proc.send_signal(sig)
+            proc.wait(60)
+            return proc
     proc.kill()
     pytest.fail("training finished or hung before it could be interrupted")
 
