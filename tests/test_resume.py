@@ -48,9 +48,12 @@ def outputs(work: Path, out: str) -> dict[str, bytes]:
 
 def start_and_stop_after(work: Path, out: str, epochs: int, sig: int) -> subprocess.Popen:
     """Start training; as soon as it reports epoch `epochs` (printed after that epoch's state is
-    saved), send `sig`. Reading its output, not polling the state file, leaves the rest of the run
-    as the window for the signal: a slow poll on a loaded machine could miss the run's end."""
-    proc = subprocess.Popen(train_command(work, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    saved), send `sig`: the rest of the run is the window for the signal."""
+    # SIGINT back to its default in the child, as in a terminal: a job started in the background
+    # (`cmd &`, as CI scripts may run) inherits an ignored SIGINT, and Python then never raises
+    # KeyboardInterrupt (that, not timing, made this test fail in a backgrounded CI run).
+    proc = subprocess.Popen(train_command(work, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
