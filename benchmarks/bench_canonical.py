@@ -37,6 +37,7 @@ import common
 from mnist_pipeline.engine import Trainer, predict_logits, seed_everything
 from mnist_pipeline.models import build_model, count_parameters
 from mnist_pipeline.params import Params, apply_overrides
+from mnist_pipeline.processed import Stats
 
 TARGET = 0.99
 # The pipeline's fast recipe, as `dvc exp run` overrides (README: "Time to 99 %"): one onecycle
@@ -111,8 +112,7 @@ def canonical(root: Path, max_epochs: int) -> dict:
     return {"params": count_parameters(model), "epochs": race(train_epoch, score, max_epochs)}
 
 
-def pipeline(params: Params, max_epochs: int) -> dict:
-    data, norm = common.processed(), common.stats()
+def pipeline(params: Params, data: dict, norm: Stats, max_epochs: int) -> dict:
     seed_everything(params.seed)
     model = build_model(params.model, **params.model_kwargs())
     trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, params.seed,
@@ -139,12 +139,13 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=14,
                         help="give up on a side after this many epochs (14: the example's own length)")
     args = parser.parse_args()
+    defaults, data, norm = common.defaults(), common.processed(), common.stats()
     candidates = []
     for extra in CANDIDATES:
         overrides = FAST + extra
         print(f"pipeline, `dvc exp run {' '.join('-S ' + o for o in overrides)}`:")
         candidates.append({"overrides": overrides,
-                           **pipeline(apply_overrides(common.defaults(), overrides), args.max_epochs)})
+                           **pipeline(apply_overrides(defaults, overrides), data, norm, args.max_epochs)})
     ours = max(candidates, key=lambda c: c["epochs"][-1]["val_acc"])  # chosen on validation only
     print(f"chosen on validation accuracy: {' '.join(ours['overrides'])}")
     print("canonical pytorch/examples mnist:")

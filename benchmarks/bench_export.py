@@ -84,8 +84,9 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--child", name, way], check=True, capture_output=True)
             cold = time.perf_counter() - start
             warm = common.median_time(lambda: export(net, way), repeats=3)
+            onnx = export(net, way)
             entry[way] = {"cold_process_seconds": round(cold, 2), "warm_seconds": round(warm, 3),
-                          "max_abs_logit_diff": parity(net, export(net, way)), "bytes": len(export(net, way))}
+                          "max_abs_logit_diff": parity(net, onnx), "bytes": len(onnx)}
             print(f"{name} {way}: fresh process {cold:.2f} s, warm {warm:.3f} s, "
                   f"max |Δlogit| {entry[way]['max_abs_logit_diff']:.1e}", flush=True)
         results["models"][name] = entry

@@ -92,7 +92,8 @@ def render() -> str:
         ours, theirs = canonical["pipeline"], canonical["canonical"]
         lines += ["", f"Seconds of training to {canonical['target_test_accuracy']:.0%} test accuracy against the "
                       f"canonical PyTorch example (pytorch/examples `mnist/main.py`'s recipe, same run): "
-                      f"pipeline {secs(ours['seconds_to_target'])} ({ours['params']:,} parameters, one epoch of "
+                      f"pipeline {secs(ours['seconds_to_target'])} ({ours['params']:,} parameters, "
+                      f"{len(ours['epochs'])} epoch{'s' * (len(ours['epochs']) != 1)} of "
                       f"`{' '.join('-S ' + o for o in canonical['fast_recipe'])}`, chosen on validation), "
                       f"example {secs(theirs['seconds_to_target'])} ({theirs['params']:,} parameters, "
                       f"{len(theirs['epochs'])} epochs) → {canonical['speedup']}×."]
