@@ -8,8 +8,14 @@ mass at the centre. `mnist-predict` and the server both call `prepare`.
 
 Untrusted input: only the formats in FORMATS are decoded (Pillow is told before
 any plugin looks at the bytes, so EPS, which Pillow renders with Ghostscript, is
-never opened), the size in bytes and in pixels is bounded before decoding, and any
-failure becomes an ImageError naming the reason.
+never opened), the size in bytes and in pixels is bounded before decoding, and the
+documented refusals (ImageError and its subclasses) name the reason.
+
+Work is bounded by what a 28×28 digit needs: a JPEG is decoded at 1/2–1/8 scale
+(libjpeg's draft mode), any image is brought to one byte per pixel at its decoded
+size and box-reduced in uint8 to at most WORK_SIDE pixels a side before any float
+array exists, and the float work is float32 on that small image. A 64-megapixel
+upload costs its decoded bytes once, not eight float64 copies of them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from mnist_pipeline.errors import PipelineError
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 FORMAT_NAMES = "PNG, JPEG, BMP, GIF, TIFF, WebP"
 MAX_PIXELS = 64_000_000  # larger than any camera photo; bigger images are treated as decompression bombs
+WORK_SIDE = 512  # images are reduced to this before float work: a digit spanning 4 % of the side is still 20 px
 MAX_BYTES = 64 << 20  # bytes read from one file
 INK_THRESHOLD = 0.1  # after contrast stretch: fainter pixels are paper texture, not ink
 MIN_CONTRAST = 0.15  # less than this between paper and ink: nothing is written
@@ -65,14 +72,20 @@ def other_format(data: bytes) -> str | None:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The first frame, decoded (a JPEG at the smallest draft scale still over WORK_SIDE), after the
+    pixels it decodes to were checked against `max_pixels`, and its header against MAX_PIXELS."""
     if not data:
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-            if image.width * image.height > max_pixels:
-                raise TooLarge(f"image is {image.width}×{image.height} pixels, over the {max_pixels:,} "
+            (width, height), limit = image.size, min(max_pixels, MAX_PIXELS)
+            if image.format == "JPEG":  # libjpeg scales while decoding: a 48-MP photo decodes to 0.75 MP
+                image.draft("L", (WORK_SIDE, WORK_SIDE))
+            if width * height > MAX_PIXELS or image.width * image.height > limit:
+                decoded = f" ({image.width}×{image.height} decoded)" if image.size != (width, height) else ""
+                raise TooLarge(f"image is {width}×{height} pixels{decoded}, over the {limit:,} "
                                "pixel limit (a decompression bomb?)")
             image.load()
     except ImageError:
@@ -108,19 +121,43 @@ def read_bounded(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
         raise ImageError(f"cannot read it: {exc.strerror or exc}") from None
 
 
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose applies it).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # kept beyond 8 bits until reduced
+
+
+def _one_channel(image: Image.Image) -> Image.Image:
+    """Gray at the decoded size, one byte per pixel (or I/F for 16-bit and float images), alpha
+    composited onto white: no copy larger than the decoded image."""
+    if image.mode in _WIDE:
+        return image.convert("I") if image.mode.startswith("I;16") else image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        # A palette becomes LA (2 bytes a pixel), not RGBA (4).
+        rgba = image if image.mode in ("RGBA", "LA") else image.convert("RGBA" if image.mode == "RGBa" else "LA")
+        paper = Image.new("L", rgba.size, 255)
+        paper.paste(rgba.convert("L"), mask=rgba.getchannel("A"))
+        return paper
+    return image.convert("L")
+
+
 def to_gray(image: Image.Image) -> np.ndarray:
-    """Float array in [0, 1]: alpha composited onto white, EXIF rotation applied, 16-bit scaled."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return np.clip(np.asarray(image, dtype=np.float64) / 65535.0, 0.0, 1.0)
-    if image.mode == "F":
+    """Float32 array in [0, 1], at most WORK_SIDE a side: alpha composited onto white, EXIF rotation
+    applied, 16-bit scaled, reduced by whole-pixel boxes before any float array exists."""
+    orientation = image.getexif().get(0x0112)
+    gray = _one_channel(image)
+    factor = -(-max(gray.size) // WORK_SIDE)
+    if factor > 1:
+        gray = gray.reduce(factor)
+    if orientation in _ORIENTATION:
+        gray = gray.transpose(_ORIENTATION[orientation])
+    if gray.mode == "I":
+        return np.clip(np.asarray(gray, dtype=np.float32) / np.float32(65535.0), 0.0, 1.0)
+    if gray.mode == "F":
         # Float images may hold NaN or ±inf: no ink, full ink.
-        return np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+        return np.clip(np.nan_to_num(np.asarray(gray, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    return np.asarray(gray, dtype=np.float32) / np.float32(255.0)
 
 
 def _border(gray: np.ndarray) -> np.ndarray:
@@ -143,7 +180,7 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
     h, w = digit.shape
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    resized = np.asarray(Image.fromarray(digit.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS))
+    resized = np.asarray(Image.fromarray(digit, mode="F").resize(size, Image.Resampling.LANCZOS))
     resized = np.clip(resized, 0.0, 1.0)
     mass = resized.sum()
     if not mass > 0:

@@ -1,7 +1,7 @@
 """mnist-serve: the exported model over HTTP, and a draw-a-digit page.
 
     mnist-serve [--model models/export/model.onnx] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
-                [--workers 1]
+                [--workers 1] [--threads CORES] [--max-queue 16]
 
     GET  /          the page (served from the package, works offline)
     GET  /healthz   {"status": "ok", ...}
@@ -18,11 +18,21 @@ the fast single-process server for it. Images are prepared by `images.prepare`, 
 imported. The body is counted while it streams and refused with 413 past the limit (or at
 once, from Content-Length), so a large upload is never held in memory. Every error is
 JSON `{"error": …}` with its status; no traceback reaches a client.
+
+The event loop only parses requests and writes answers. Decoding, preparation, inference
+and the answer's JSON run in a pool of `--threads` threads (default: the cores this process
+may use; Pillow, numpy and onnxruntime release the GIL for their work), so `/healthz` and
+small requests are answered while large ones are prepared. Each image is bounded before it
+is decoded: WEB_MAX_PIXELS decoded pixels (a JPEG is decoded at reduced scale, so a phone
+photo fits), far below the CLI's limit, because an anonymous client is not the user. At most
+`--max-queue` requests are admitted at once per worker; more get 503 with `Retry-After`, so
+the backlog (and the bodies it holds) stays bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
@@ -30,6 +40,7 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +63,10 @@ from mnist_pipeline.images import FORMAT_NAMES, ImageError, TooLarge, Unsupporte
 DEFAULT_MODEL = Path("models/export/model.onnx")
 DEFAULT_MAX_UPLOAD = 4 << 20  # bytes per request: a phone photo fits, a flood does not
 MAX_FILES = 16
+# Decoded pixels per uploaded image. The worst case, an RGBA or palette PNG, peaks near 8 bytes a
+# decoded pixel while it is prepared: 10 MP × 2 threads stays inside a 250 MB worker.
+WEB_MAX_PIXELS = 10_000_000
+DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in the pool); more get 503
 PAGE = Path(__file__).parent / "static" / "index.html"
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/webp"}
 
@@ -83,6 +98,15 @@ def counting(receive: Callable[[], Awaitable[dict]], limit: int) -> Callable[[],
     return wrapped
 
 
+def compact_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def cores() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def png_data_url(digit: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray((digit * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
@@ -99,36 +123,72 @@ def model_card(model_path: Path, classes: list[str]) -> dict[str, Any]:
                                                        "or one folder up"}
 
 
-def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starlette:
+def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD, threads: int | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, max_pixels: int = WEB_MAX_PIXELS) -> Starlette:
     model = load_model(model_path, threads=1)
     card = model_card(model_path, model.classes)
     page = PAGE.read_bytes()
+    pool = ThreadPoolExecutor(threads or cores(), thread_name_prefix="predict")
+    admitted = 0  # requests between admission and answer; only the event loop's thread touches it
 
     async def index(request: Request) -> Response:
         return Response(page, media_type="text/html; charset=utf-8")
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": card.get("model"), "classes": len(model.classes)})
+        return JSONResponse({"status": "ok", "model": card.get("model"), "classes": len(model.classes),
+                             "admitted": admitted})
 
     async def card_json(request: Request) -> Response:
         return JSONResponse(card)
 
-    def answer(upload: UploadFile, data: bytes) -> tuple[np.ndarray | None, dict[str, Any]]:
-        entry: dict[str, Any] = {"file": upload.filename or "upload"}
-        kind = (upload.content_type or "").split(";")[0].strip().lower()
+    def prepared(entry: dict[str, Any], kind: str, data: bytes) -> np.ndarray | None:
         if kind and kind not in IMAGE_TYPES and kind != "application/octet-stream":
-            return None, {**entry, "status": 415, "error": f"unsupported media type {kind!r}: send {FORMAT_NAMES}"}
+            entry.update(status=415, error=f"unsupported media type {kind!r}: send {FORMAT_NAMES}")
+            return None
         try:
-            return prepare(data), entry
-        except ImageError as exc:  # prepare turns every per-image failure into one
-            return None, {**entry, "status": status_of(exc), "error": str(exc)}
+            return prepare(data, max_pixels)
+        except ImageError as exc:  # the documented refusals; anything else is a bug and answers 500
+            entry.update(status=status_of(exc), error=str(exc))
+            return None
+
+    def answer(files: list[tuple[dict[str, Any], str, bytes]]) -> tuple[int, bytes]:
+        """(status, JSON body) for the uploads: runs in the pool, off the event loop."""
+        entries, digits = [], {}
+        for i, (entry, kind, data) in enumerate(files):
+            entries.append(entry)
+            digit = prepared(entry, kind, data) if "error" not in entry else None
+            if digit is not None:
+                digits[i] = digit
+        if digits:
+            for i, probs in zip(digits, model.probabilities(np.stack(list(digits.values()))), strict=True):
+                best = int(np.argmax(probs))
+                entries[i].update(digit=best, label=model.classes[best],
+                                  probabilities=[round(float(p), 6) for p in probs], input=png_data_url(digits[i]))
+        if len(entries) == 1:
+            entry = entries[0]
+            if "error" in entry:
+                return entry["status"], compact_json({"error": entry["error"]})
+            return 200, compact_json(entry)
+        return 200, compact_json(entries)
 
     async def predict(request: Request) -> Response:
+        nonlocal admitted
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_upload:
             return error(413, f"request body of {int(length):,} bytes is over the {max_upload:,} byte limit")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             return error(422, "expected a multipart/form-data body with a `file` field")
+        if admitted >= max_queue:
+            response = error(503, f"busy: {admitted} requests in progress; retry in a second")
+            response.headers["Retry-After"] = "1"
+            return response
+        admitted += 1
+        try:
+            return await parse_and_answer(request)
+        finally:
+            admitted -= 1
+
+    async def parse_and_answer(request: Request) -> Response:
         limited = Request(request.scope, counting(request.receive, max_upload))
         try:
             form = await limited.form(max_files=MAX_FILES, max_fields=MAX_FILES)
@@ -140,26 +200,18 @@ def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starle
             uploads = form.getlist("file")
             if not uploads:
                 return error(422, "no `file` field: send the image as multipart form field `file`")
-            entries, digits = [], {}
-            for i, upload in enumerate(uploads):
+            files = []
+            for upload in uploads:
                 if not isinstance(upload, UploadFile):
-                    entries.append({"file": None, "status": 422, "error": "the `file` field must be a file upload"})
+                    files.append(({"file": None, "status": 422, "error": "the `file` field must be a file upload"},
+                                  "", b""))
                     continue
-                digit, entry = answer(upload, await upload.read())
-                entries.append(entry)
-                if digit is not None:
-                    digits[i] = digit
+                kind = (upload.content_type or "").split(";")[0].strip().lower()
+                files.append(({"file": upload.filename or "upload"}, kind, await upload.read()))
         finally:
             await form.close()
-        if digits:
-            for i, probs in zip(digits, model.probabilities(np.stack(list(digits.values()))), strict=True):
-                best = int(np.argmax(probs))
-                entries[i].update(digit=best, label=model.classes[best], probabilities=[round(float(p), 6) for p in probs],
-                                  input=png_data_url(digits[i]))
-        if len(entries) == 1:
-            entry = entries[0]
-            return JSONResponse(entry) if "error" not in entry else error(entry["status"], entry["error"])
-        return JSONResponse(entries)
+        status, body = await asyncio.get_running_loop().run_in_executor(pool, answer, files)
+        return Response(body, status_code=status, media_type="application/json")
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -175,12 +227,13 @@ def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD) -> Starle
     )
 
 
-# Worker processes (--workers > 1) are started afresh by uvicorn and build their app from these.
-MODEL_ENV, MAX_UPLOAD_ENV = "MNIST_SERVE_MODEL", "MNIST_SERVE_MAX_UPLOAD"
+# Worker processes (--workers > 1) are started afresh by uvicorn and build their app from this.
+SETTINGS_ENV = "MNIST_SERVE_SETTINGS"
 
 
 def app_from_env() -> Starlette:
-    return create_app(Path(os.environ[MODEL_ENV]), int(os.environ[MAX_UPLOAD_ENV]))
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(Path(settings.pop("model_path")), **settings)
 
 
 def model_problem(path: Path) -> str | None:
@@ -209,12 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest request body accepted, in MB (default 4)")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes sharing the port (default 1; each holds its own model)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="per worker: threads that prepare images and run the model (default: the cores)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"per worker: requests admitted at once; more get 503 (default {DEFAULT_MAX_QUEUE})")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    max_upload = int(args.max_upload_mb * 2**20)
+    for name in ("workers", "threads", "max_queue"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    settings = {"max_upload": int(args.max_upload_mb * 2**20), "threads": args.threads, "max_queue": args.max_queue}
     try:
-        app = create_app(args.model, max_upload) if args.workers == 1 else None
+        app = create_app(args.model, **settings) if args.workers == 1 else None
         problem = model_problem(args.model) if args.workers > 1 else None
     except ModelFileError as exc:
         problem = str(exc)
@@ -233,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"serving {args.model} on http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
-    settings = {"log_level": "warning", "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5}
+    server = {"log_level": "warning", "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5}
     try:
         if args.workers == 1:
-            uvicorn.Server(uvicorn.Config(app, **settings)).run(sockets=[sock])
+            uvicorn.Server(uvicorn.Config(app, **server)).run(sockets=[sock])
         else:
-            os.environ[MODEL_ENV], os.environ[MAX_UPLOAD_ENV] = str(args.model.resolve()), str(max_upload)
-            config = uvicorn.Config("mnist_pipeline.serve:app_from_env", factory=True, workers=args.workers, **settings)
+            os.environ[SETTINGS_ENV] = json.dumps({"model_path": str(args.model.resolve()), **settings})
+            config = uvicorn.Config("mnist_pipeline.serve:app_from_env", factory=True, workers=args.workers, **server)
             Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal it caught
         pass

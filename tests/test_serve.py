@@ -261,3 +261,89 @@ def test_bad_model_with_workers_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "mnist-serve"), "--model", str(tmp_path / "bad.onnx"),
                              "--port", "0", "--workers", "2"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- heavy uploads: bounded work, a free event loop
+
+
+def bar_png(height: int, width: int, mode: str = "L") -> bytes:
+    """A large, mostly white image with one dark bar: a small file that decodes to many pixels."""
+    canvas = np.full((height, width), 255, np.uint8)
+    canvas[height // 8: height * 7 // 8, width * 2 // 5: width * 3 // 5] = 0
+    image = Image.fromarray(canvas, "L")
+    if mode == "RGBA":  # ink on a transparent sheet, the worst case per decoded pixel
+        image = Image.merge("RGBA", [image] * 3 + [Image.fromarray(255 - canvas, "L")])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def heavy_request():
+    """16 files: 8 of the 8000×7990 PNG from the report (79 KB, 64 MP; once 4 s and 1.6 GB each), and
+    8 RGBA PNGs of 3000×3000 (9 MP, under the web limit, so they are decoded and prepared)."""
+    bomb, large = bar_png(7990, 8000), bar_png(3000, 3000, "RGBA")
+    assert len(bomb) < 100_000 and len(large) < 200_000
+    return loadgen.multipart([("file", f"bomb{i}.png", "image/png", bomb) for i in range(8)]
+                             + [("file", f"large{i}.png", "image/png", large) for i in range(8)])
+
+
+def vm_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+def raw_post(url: str, body: bytes, kind: str) -> tuple[int, dict[str, str], object]:
+    """(status, headers with lower-case names, decoded JSON body)."""
+    request = urllib.request.Request(url + "/predict", data=body, method="POST", headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, exc.headers, exc.read()
+    return status, {k.lower(): v for k, v in headers.items()}, json.loads(body)
+
+
+def test_heavy_uploads_neither_stall_health_nor_grow_memory(exported_models, heavy_request):
+    body, kind = heavy_request
+    with served(exported_models[1] / "model.onnx") as (proc, url):
+        answers: list = []
+        clients = [threading.Thread(target=lambda: answers.append(raw_post(url, body, kind))) for _ in range(8)]
+        for client in clients:
+            client.start()
+        waits = []
+        while any(client.is_alive() for client in clients):
+            start = time.perf_counter()
+            assert get(url + "/healthz")[0] == 200
+            waits.append(time.perf_counter() - start)
+            time.sleep(0.02)
+        for client in clients:
+            client.join()
+        peak_mb = vm_kb(proc.pid, "VmHWM") / 1024
+    assert len(answers) == 8
+    for status, headers, entries in answers:
+        assert status == 200 and headers["content-type"] == "application/json" and len(entries) == 16
+        assert all(e["status"] == 413 and "pixel limit" in e["error"] for e in entries[:8]), entries[:8]
+        assert all(isinstance(e.get("digit"), int) for e in entries[8:]), entries[8:]
+    # Measured before the fix: /healthz waited 39.5 s behind one such request, and memory rose to 1.6 GB.
+    assert len(waits) >= 10 and max(waits) < 0.5, sorted(waits)[-5:]
+    assert peak_mb < 250, f"server peaked at {peak_mb:.0f} MB"
+
+
+def test_a_full_queue_answers_503_with_retry_after(exported_models, heavy_request):
+    body, kind = heavy_request
+    with served(exported_models[1] / "model.onnx", "--threads", "1", "--max-queue", "1") as (proc, url):
+        first: list = []
+        slow = threading.Thread(target=lambda: first.append(raw_post(url, body, kind)))
+        slow.start()
+        deadline = time.monotonic() + 30
+        while json.loads(get(url + "/healthz")[2])["admitted"] < 1:
+            assert time.monotonic() < deadline, "the first request was never admitted"
+            time.sleep(0.01)
+        status, headers, answer = raw_post(url, *loadgen.multipart([("file", "ok.png", "image/png", GOOD)]))
+        slow.join()
+        assert status == 503 and headers["retry-after"] == "1" and set(answer) == {"error"}, (status, answer)
+        assert first[0][0] == 200
+        assert post(url, [("file", "ok.png", "image/png", GOOD)])[0] == 200
