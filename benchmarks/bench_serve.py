@@ -1,91 +1,197 @@
-"""mnist-serve under load on loopback, next to mnist-predict's per-image time.
+"""mnist-serve under load on loopback, measured with ApacheBench (`ab`, Debian's apache2-utils).
 
-    python benchmarks/bench_serve.py          # needs models/export/model.onnx (dvc repro)
+    python benchmarks/bench_serve.py          # needs models/export/model.onnx and data/processed (dvc repro)
 
-- the server: `mnist-serve` as a real process, with 1 and with 2 worker processes, alternated
-  over 5 rounds (this host's speed drifts by tens of per cent within minutes; the median round is
-  reported); 8 keep-alive clients (benchmarks/loadgen.py, in this same run, on the same 2 cores)
-  post one 200×200 PNG digit per request; requests/s, p50/p90/p99 latency, and the resident
-  memory of the server's processes after the run (VmRSS, supervisor and workers summed);
-- the baseline: `mnist-predict` on the same image, as a fresh process (cold start, what a
-  script calling the CLI per image pays) and per image over a batch of 200 files in one call.
+- throughput: `ab -k -c 8 -n 4000` posting a realistic upload (the first MNIST test digit, inverted
+  to dark ink on white and upscaled to 200×200: a 4.7 KB PNG), against `mnist-serve` with 1 and
+  with 2 workers, alternated over ROUNDS rounds (this host's speed drifts within minutes; the
+  median round is reported); requests/s, p50/p99 latency, resident memory of the server's
+  processes (supervisor and workers, each and summed). The same run's ceiling: `ab` on `/healthz`,
+  a request that does no work, so `predict / healthz` is the share of the server's bare request
+  rate that the model's work leaves;
+- the stall check: 8 concurrent clients each posting the 16-file request of the stall report
+  (`loadgen.heavy_files`: 64-MP PNGs, refused from their header, and 9-MP RGBA PNGs, prepared),
+  with `/healthz` timed by a second `ab` meanwhile, one request at a time: its p99, and the
+  worker's peak memory;
+- where a request's CPU goes: each step of one request timed in this process (multipart parsing,
+  decoding, preparation, inference, the answer's PNG and JSON), median of repeats.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from PIL import Image
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartParser
+
 import common
 import loadgen
+from mnist_pipeline import images
+from mnist_pipeline.exported import load_model
+from mnist_pipeline.app import WEB_MAX_PIXELS, compact_json, png_data_url
 
-CLIENTS, REQUESTS, SECONDS, ROUNDS = 8, 4000, 60, 5
+CLIENTS, REQUESTS, ROUNDS, HEALTH_SECONDS = 8, 4000, 3, 5
+AB = shutil.which("ab")
 
 
+def realistic_upload() -> bytes:
+    images_, _ = common.processed()["test"]
+    digit = Image.fromarray(255 - images_[0].numpy()).resize((200, 200), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    digit.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
-def rss_mb(pid: int) -> float:
+def memory_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
-def serve_load(model: Path, image: bytes, workers: int) -> dict:
+def ab(url: str, *args: str, body: Path | None = None, kind: str = "") -> dict:
+    """One `ab` run: requests/s, latency percentiles (ms), failed and non-2xx counts."""
+    command = [AB, "-q", *args] + (["-p", str(body), "-T", kind] if body else []) + [url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    number = lambda pattern: float(m.group(1)) if (m := re.search(pattern, out, re.M)) else 0.0  # noqa: E731
+    latency = {f"p{q}": number(rf"^\s+{q}%\s+(\d+)") for q in (50, 90, 99)}
+    latency["max"] = number(r"^\s+100%\s+(\d+)")
+    latency["mean"] = number(r"Time per request:\s+([\d.]+) \[ms\] \(mean\)")  # ab's percentiles are whole ms
+    return {"requests": int(number(r"Complete requests:\s+(\d+)")), "requests_per_second": number(r"Requests per second:\s+([\d.]+)"),
+            "failed": int(number(r"Failed requests:\s+(\d+)")), "non_2xx": int(number(r"Non-2xx responses:\s+(\d+)")),
+            "latency_ms": latency}
+
+
+def start(model: Path, workers: int) -> tuple[subprocess.Popen, str]:
     command = [shutil.which("mnist-serve") or "mnist-serve", "--model", str(model), "--port", "0",
                "--workers", str(workers)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().split(" on ")[1].split()[0]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+
+
+def processes(proc: subprocess.Popen) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [proc.pid, *map(int, children)]
+
+
+def throughput(model: Path, body: Path, kind: str, workers: int) -> dict:
+    proc, url = start(model, workers)
     try:
-        url = proc.stdout.readline().split(" on ")[1].split()[0].rstrip("/")
-        body, kind = loadgen.multipart([("file", "digit.png", "image/png", image)])
-        loadgen.run_load(url, body, kind, clients=CLIENTS, requests=200, seconds=10)  # warm-up
-        result = loadgen.run_load(url, body, kind, clients=CLIENTS, requests=REQUESTS, seconds=SECONDS)
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        result["server_rss_mb"] = round(rss_mb(proc.pid) + sum(rss_mb(int(c)) for c in children), 1)
-        result["workers"] = workers
+        ab(url + "predict", "-k", "-c", str(CLIENTS), "-n", "500", body=body, kind=kind)  # warm-up
+        result = ab(url + "predict", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS), body=body, kind=kind)
+        result["healthz"] = ab(url + "healthz", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS))
+        rss = {pid: round(memory_kb(pid, "VmRSS") / 1024, 1) for pid in processes(proc)}
+        result.update(workers=workers, rss_mb_by_process=list(rss.values()), rss_mb_total=round(sum(rss.values()), 1),
+                      rss_mb_largest_process=max(rss.values()))
+        result["share_of_bare_request_rate"] = round(result["requests_per_second"]
+                                                     / result["healthz"]["requests_per_second"], 3)
         return result
     finally:
-        proc.send_signal(2)
-        proc.wait(30)
+        stop(proc)
 
 
-def predict_times(model: Path, image: bytes) -> dict:
-    cli = shutil.which("mnist-predict") or "mnist-predict"
-    with tempfile.TemporaryDirectory() as tmp:
-        files = []
-        for i in range(200):
-            files.append(Path(tmp) / f"{i}.png")
-            files[-1].write_bytes(image)
-        cold = common.median_time(lambda: subprocess.run([cli, str(files[0]), "--model", str(model)], check=True,
-                                                         capture_output=True))
-        batch = common.median_time(lambda: subprocess.run([cli, *map(str, files), "--model", str(model)],
-                                                          check=True, capture_output=True), repeats=3)
-    return {"cold_start_one_image_ms": round(cold * 1000, 1), "per_image_in_200_ms": round(batch / 200 * 1000, 2)}
+def stall(model: Path, folder: Path) -> dict:
+    """/healthz, one request at a time, while 8 clients post the 16-file heavy request 4 times each."""
+    body, kind = loadgen.multipart(loadgen.heavy_files())
+    (folder / "heavy.bin").write_bytes(body)
+    proc, url = start(model, 1)
+    try:
+        command = [AB, "-q", "-c", str(CLIENTS), "-n", str(4 * CLIENTS), "-p", str(folder / "heavy.bin"), "-T", kind,
+                   url + "predict"]
+        began = time.perf_counter()
+        load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        health = ab(url + "healthz", "-c", "1", "-n", "1000000", "-t", str(HEALTH_SECONDS))
+        health_ended = time.perf_counter() - began
+        heavy_out = load.communicate(timeout=900)[0]
+        seconds = float(re.search(r"Time taken for tests:\s+([\d.]+)", heavy_out).group(1))
+        return {"heavy_request_bytes": len(body), "heavy_requests": 4 * CLIENTS, "heavy_seconds": seconds,
+                "heavy_non_2xx": int(re.search(r"Non-2xx responses:\s+(\d+)", heavy_out).group(1))
+                if "Non-2xx" in heavy_out else 0,
+                "healthz_window_s": [0.5, round(health_ended, 2)], "healthz_during": health,
+                "heavy_load_outlasted_healthz_window": seconds > health_ended,
+                "worker_peak_rss_mb": round(memory_kb(proc.pid, "VmHWM") / 1024, 1)}
+    finally:
+        stop(proc)
+
+
+def cpu_breakdown(model_path: Path, upload: bytes) -> dict:
+    """Microseconds per step of one request, in this process (median of 5 × 500 calls)."""
+    body, kind = loadgen.multipart([("file", "digit.png", "image/png", upload)])
+    model = load_model(model_path, threads=1)
+    loop = asyncio.new_event_loop()
+
+    async def parse() -> None:
+        async def stream():
+            yield body
+        form = await MultiPartParser(Headers({"content-type": kind}), stream(), max_files=16, max_fields=16).parse()
+        await form.getlist("file")[0].read()
+        await form.close()
+
+    image = images._open(upload, WEB_MAX_PIXELS)
+    gray = images.to_gray(image)
+    digit = images.prepare(upload, WEB_MAX_PIXELS)
+    probs = model.probabilities(digit[None])[0]
+    answer = {"file": "digit.png", "digit": 7, "label": "7", "probabilities": [round(float(p), 6) for p in probs],
+              "input": png_data_url(digit)}
+    steps = {"multipart parsing": lambda: loop.run_until_complete(parse()),
+             "decoding (PNG)": lambda: images._open(upload, WEB_MAX_PIXELS),
+             "grayscale + reduce": lambda: images.to_gray(image),
+             "crop, fit, centre": lambda: images.to_mnist(gray.copy()),
+             "inference (onnxruntime, batch 1)": lambda: model.probabilities(digit[None]),
+             "answer's PNG (data URL)": lambda: png_data_url(digit),
+             "answer's JSON": lambda: compact_json(answer)}
+    out = {}
+    for name, step in steps.items():
+        def many(step=step):
+            for _ in range(500):
+                step()
+        out[name] = round(common.median_time(many) / 500 * 1e6, 1)
+    return out
 
 
 def main() -> None:
+    if AB is None:
+        sys.exit("needs ApacheBench: apt-get install apache2-utils")
     model = common.ROOT / "models" / "export" / "model.onnx"
     if not model.exists():
         sys.exit("run `dvc repro` first: this benchmark serves models/export/model.onnx")
-    image = loadgen.digit_png()
-    results: dict = {"image_bytes": len(image), "clients": CLIENTS, "rounds": {1: [], 2: []}}
-    for _ in range(ROUNDS):
-        for workers in (1, 2):
-            run = serve_load(model, image, workers)
-            results["rounds"][workers].append(run)
-            print(f"mnist-serve, {workers} worker(s): {run['requests_per_second']:.0f} req/s, p50 "
-                  f"{run['latency_ms']['p50']} ms, p99 {run['latency_ms']['p99']} ms, statuses {run['statuses']}, "
-                  f"RSS {run['server_rss_mb']} MB")
-            time.sleep(1)
-    for workers, runs in results["rounds"].items():
-        median = sorted(runs, key=lambda r: r["requests_per_second"])[len(runs) // 2]
-        results[f"median_round_{workers}_worker"] = median
-    results["mnist_predict"] = predict_times(model, image)
-    print(f"mnist-predict: {results['mnist_predict']}")
+    upload = realistic_upload()
+    results: dict = {"tool": "ab -k -c 8 -n 4000 (ApacheBench " + subprocess.run([AB, "-V"], capture_output=True,
+                     text=True).stdout.split("\n")[0].split()[-1] + ")", "upload_bytes": len(upload),
+                     "clients": CLIENTS, "requests": REQUESTS, "rounds": {1: [], 2: []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        body, kind = loadgen.multipart([("file", "digit.png", "image/png", upload)])
+        (Path(tmp) / "body.bin").write_bytes(body)
+        for _ in range(ROUNDS):
+            for workers in (1, 2):
+                run = throughput(model, Path(tmp) / "body.bin", kind, workers)
+                results["rounds"][workers].append(run)
+                print(f"{workers} worker(s): {run['requests_per_second']:.0f} req/s, p50 {run['latency_ms']['p50']:.0f} ms, "
+                      f"p99 {run['latency_ms']['p99']:.0f} ms, failed {run['failed']}, non-2xx {run['non_2xx']}, "
+                      f"RSS {run['rss_mb_by_process']} MB; /healthz {run['healthz']['requests_per_second']:.0f} req/s")
+        for workers, runs in results["rounds"].items():
+            results[f"median_round_{workers}_worker"] = sorted(runs, key=lambda r: r["requests_per_second"])[len(runs) // 2]
+        results["stall"] = stall(model, Path(tmp))
+        print(f"stall: {results['stall']}")
+    results["cpu_us_per_request"] = cpu_breakdown(model, upload)
+    results["cpu_us_per_request"]["total of the steps"] = round(sum(results["cpu_us_per_request"].values()), 1)
+    print(f"CPU per request (µs): {results['cpu_us_per_request']}")
     common.save("serve", results)
 
 

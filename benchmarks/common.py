@@ -4,10 +4,16 @@ Every benchmark compares against a baseline measured in the same run (this machi
 shared and noisy), reports medians over repeats and ratios, and writes
 benchmarks/results/<name>.json; `python benchmarks/report.py` turns them into
 benchmarks/results/results.md and the README's results table.
+
+A results file names the commit of the code that ran. The working tree is read when the
+benchmark starts and again when it saves: if either differs from HEAD (results files and
+prose excepted), `save` refuses, unless MNIST_BENCH_ALLOW_DIRTY=1, and then the file says
+`"dirty": true` with a SHA-256 of the difference. Commit the benchmark, then measure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import statistics
@@ -84,16 +90,48 @@ def defaults() -> Params:
     return load_params(ROOT / "params.yaml")
 
 
-def git_rev() -> str:
+ALLOW_DIRTY_ENV = "MNIST_BENCH_ALLOW_DIRTY"
+# Outputs and prose: editing them does not change what a benchmark runs.
+NOT_CODE = (":(exclude)benchmarks/results", ":(exclude)*.md", ":(exclude)docs")
+
+
+def _git(root: Path, *args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+
+def provenance(root: Path = ROOT) -> dict[str, object]:
+    """{"commit": HEAD, "dirty": bool[, "diff_sha256": …]}: the code in `root`'s working tree."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = _git(root, "rev-parse", "HEAD").decode().strip()
+        changed = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", "--", ".", *NOT_CODE)
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return {"commit": "unknown", "dirty": True}
+    if not changed:
+        return {"commit": head, "dirty": False}
+    digest = hashlib.sha256(_git(root, "diff", "HEAD", "--binary", "--", ".", *NOT_CODE))
+    for name in sorted(filter(None, _git(root, "ls-files", "-o", "--exclude-standard", "-z", "--", ".",
+                                         *NOT_CODE).split(b"\0"))):
+        digest.update(name + b"\0" + (root / name.decode()).read_bytes())
+    return {"commit": head, "dirty": True, "diff_sha256": digest.hexdigest()}
+
+
+STARTED = provenance()  # the code as the benchmark started (imported first thing by every benchmark)
+
+
+def traced(started: dict[str, object], now: dict[str, object], allow_dirty: bool) -> dict[str, object]:
+    """What a results file records about its code; SystemExit when it cannot be traced to a commit."""
+    if started == now and not now["dirty"]:
+        return now
+    if not allow_dirty:
+        what = "changed while it ran" if started != now else "has uncommitted changes"
+        raise SystemExit(f"not recording: the working tree {what} (git status), so no commit names the code "
+                         f"that ran. Commit, then measure; or set {ALLOW_DIRTY_ENV}=1 to record it marked dirty.")
+    return {**now, "dirty": True, "diff_sha256": now.get("diff_sha256", started.get("diff_sha256"))}
 
 
 def save(name: str, results: dict[str, object]) -> Path:
     path = RESULTS / f"{name}.json"
-    write_json(path, {"benchmark": name, "commit": git_rev(), "machine": machine(), **results})
+    code = traced(STARTED, provenance(), os.environ.get(ALLOW_DIRTY_ENV) == "1")
+    write_json(path, {"benchmark": name, **code, "machine": machine(), **results})
     print(f"→ {path.relative_to(ROOT)}")
     return path

@@ -28,6 +28,27 @@ def digit_png(height: int = 200, width: int = 200) -> bytes:
     return buffer.getvalue()
 
 
+def bar_png(height: int, width: int, mode: str = "L") -> bytes:
+    """A large, mostly white image with one dark bar: a small file that decodes to many pixels.
+    RGBA: the bar as ink on a transparent sheet, the costliest mode per decoded pixel."""
+    canvas = np.full((height, width), 255, np.uint8)
+    canvas[height // 8: height * 7 // 8, width * 2 // 5: width * 3 // 5] = 0
+    image = Image.fromarray(canvas, "L")
+    if mode == "RGBA":
+        image = Image.merge("RGBA", [image] * 3 + [Image.fromarray(255 - canvas, "L")])
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def heavy_files() -> list[tuple[str, str, str, bytes]]:
+    """The 16 files of the stall report: 8 copies of an 8000×7990 PNG (79 KB, 64 MP decoded; once 4 s and
+    1.6 GB of server time each) and 8 RGBA PNGs of 3000×3000 (9 MP: under the web limit, so prepared)."""
+    bomb, large = bar_png(7990, 8000), bar_png(3000, 3000, "RGBA")
+    return ([("file", f"bomb{i}.png", "image/png", bomb) for i in range(8)]
+            + [("file", f"large{i}.png", "image/png", large) for i in range(8)])
+
+
 def multipart(files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
     """(body, content type) for form fields [(field, file name, content type, bytes), …]."""
     boundary = uuid.uuid4().hex

@@ -9,6 +9,7 @@ markers and is replaced wholesale, so it always shows what the benchmarks measur
 from __future__ import annotations
 
 import json
+import subprocess
 
 import common
 
@@ -26,6 +27,38 @@ def pct(x: float | None) -> str:
 
 def secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f} s"
+
+
+# The script behind each results file, where it is not bench_<name>.py.
+SCRIPTS = {"sweep": "benchmarks/seed_sweep.py", "fashion_mnist": "tests/test_real_data.py"}
+
+
+def script_of(name: str) -> str:
+    return SCRIPTS.get(name, f"benchmarks/bench_{name}.py")
+
+
+def trace(name: str, result: dict) -> str:
+    """How a results file's figures trace to code: its commit, and whether that commit holds the
+    benchmark as it is now (a file measured before its script's last change is stale)."""
+    commit = str(result.get("commit", "unknown"))
+    if result.get("dirty", False):
+        return f"`{commit[:7]}` + uncommitted changes (diff sha256 {str(result.get('diff_sha256'))[:12]}): not traceable"
+    script = script_of(name)
+    try:
+        changed = subprocess.run(["git", "log", "--format=%h", f"{commit}..HEAD", "--", script],
+                                 cwd=common.ROOT, capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return f"`{commit[:7]}`: not in this repository's history"
+    if changed:
+        return f"`{commit[:7]}`: stale, `{script}` changed since (in {', '.join(changed[-1:])}); re-measure"
+    return f"`{commit[:7]}`"
+
+
+def provenance() -> list[str]:
+    lines = ["", "Where each figure comes from (results file: the commit whose code produced it):", ""]
+    for path in sorted(common.RESULTS.glob("*.json")):
+        lines.append(f"- `{path.name}`: {trace(path.stem, json.loads(path.read_text()))}")
+    return lines
 
 
 def render() -> str:
@@ -108,7 +141,7 @@ def render() -> str:
         runs = "; ".join(f"{label}: {r['seconds']:.1f} s ({r['speedup_vs_j1']}×)" for label, r in queue["sweeps"].items())
         lines += ["", f"`dvc queue` on {queue['experiments']} experiments of {queue['epochs']} epochs: {runs}. "
                       f"Best: {queue['best']}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + provenance()) + "\n"
 
 
 def main() -> None:

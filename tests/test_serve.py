@@ -200,7 +200,7 @@ def test_concurrent_clients_all_succeed(server):
 
 
 def test_server_never_imports_torch(exported_models):
-    probe = ("import sys; from pathlib import Path; from mnist_pipeline.serve import create_app; "
+    probe = ("import sys; from pathlib import Path; from mnist_pipeline.app import create_app; "
              f"create_app(Path({str(exported_models[1] / 'model.onnx')!r})); "
              "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -266,26 +266,11 @@ def test_bad_model_with_workers_is_one_line_and_exit_2(tmp_path):
 # ---------------------------------------------------------------- heavy uploads: bounded work, a free event loop
 
 
-def bar_png(height: int, width: int, mode: str = "L") -> bytes:
-    """A large, mostly white image with one dark bar: a small file that decodes to many pixels."""
-    canvas = np.full((height, width), 255, np.uint8)
-    canvas[height // 8: height * 7 // 8, width * 2 // 5: width * 3 // 5] = 0
-    image = Image.fromarray(canvas, "L")
-    if mode == "RGBA":  # ink on a transparent sheet, the worst case per decoded pixel
-        image = Image.merge("RGBA", [image] * 3 + [Image.fromarray(255 - canvas, "L")])
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def heavy_request():
-    """16 files: 8 of the 8000×7990 PNG from the report (79 KB, 64 MP; once 4 s and 1.6 GB each), and
-    8 RGBA PNGs of 3000×3000 (9 MP, under the web limit, so they are decoded and prepared)."""
-    bomb, large = bar_png(7990, 8000), bar_png(3000, 3000, "RGBA")
-    assert len(bomb) < 100_000 and len(large) < 200_000
-    return loadgen.multipart([("file", f"bomb{i}.png", "image/png", bomb) for i in range(8)]
-                             + [("file", f"large{i}.png", "image/png", large) for i in range(8)])
+    files = loadgen.heavy_files()
+    assert len(files[0][3]) < 100_000 and len(files[-1][3]) < 200_000  # small files, many pixels
+    return loadgen.multipart(files)
 
 
 def vm_kb(pid: int, field: str) -> int:
