@@ -6,7 +6,7 @@ import torch
 
 from helpers import synthetic_digits
 from mnist_pipeline import checkpoint
-from mnist_pipeline.engine import Trainer, predict_logits, seed_everything, select_device
+from mnist_pipeline.engine import Trainer, make_schedule, predict_logits, seed_everything, select_device
 from mnist_pipeline.errors import CheckpointError, DeviceError, TrainingDiverged
 from mnist_pipeline.fileio import write_torch
 from mnist_pipeline.models import CNN, MLP, build_model, count_parameters
@@ -75,27 +75,53 @@ def test_one_step_lowers_the_loss_on_that_batch():
 
 
 def test_ema_weights_are_validated_and_kept(params):
-    trainer = make_trainer(params, "cnn", epochs=2, ema=0.9)
-    trainer.fit()
-    ema_state = trainer.ema.module.state_dict()
+    trainer = make_trainer(params, "cnn", epochs=3, ema=0.9)
+    ema_after: dict[int, dict] = {}
+    trainer.fit(on_epoch=lambda stats: ema_after.__setitem__(
+        stats.epoch, {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}))
     raw_state = trainer.model.state_dict()
+    assert any(not torch.equal(trainer.ema.module.state_dict()[k], raw_state[k]) for k in raw_state)
+    # Whichever epoch was best on val, the kept weights are the EMA's as they were after that epoch.
     best = trainer.best.state
-    assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state)
-    if trainer.best.epoch == 2:
-        assert all(torch.equal(best[k], ema_state[k]) for k in best)
+    assert all(torch.equal(best[k], ema_after[trainer.best.epoch][k]) for k in best)
+    assert any(not torch.equal(best[k], raw_state[k]) for k in best), "the raw weights were kept"
 
 
-@pytest.mark.parametrize("changes", [
-    {"optimizer": "adam", "lr": 0.01, "scheduler": "cosine"},
-    {"optimizer": "adamw", "lr": 0.01, "scheduler": "step", "ema": 0.0},
-    {"optimizer": "sgd", "scheduler": "plateau", "nesterov": False},
-    {"optimizer": "sgd", "scheduler": "none", "momentum": 0.0},
+@pytest.mark.parametrize("changes, expected", [
+    # lr at the start of each of 3 epochs, as the history records it
+    ({"optimizer": "adam", "lr": 0.01, "scheduler": "cosine"}, "falls every epoch"),
+    ({"optimizer": "sgd", "lr": 0.05, "scheduler": "onecycle", "warmup": 0.5}, "warms up from lr/25"),
+    ({"optimizer": "adamw", "lr": 0.01, "scheduler": "step", "step_size": 1, "gamma": 0.5, "ema": 0.0},
+     [0.01, 0.005, 0.0025]),
+    ({"optimizer": "sgd", "scheduler": "plateau", "nesterov": False}, "trains"),  # its rate: the test below
+    ({"optimizer": "sgd", "lr": 0.05, "scheduler": "none", "momentum": 0.0}, [0.05, 0.05, 0.05]),
 ])
-def test_every_optimizer_and_scheduler_trains(params, changes):
-    trainer = make_trainer(params, "mlp", epochs=2, **changes)
+def test_every_optimizer_and_scheduler_trains_at_the_rate_it_should(params, changes, expected):
+    trainer = make_trainer(params, "mlp", epochs=3, **changes)
     trainer.fit()
-    assert len(trainer.history) == 2
+    assert len(trainer.history) == 3
     assert all(math.isfinite(h["train_loss"]) for h in trainer.history)
+    rates = [h["lr"] for h in trainer.history]
+    if expected == "trains":
+        assert trainer.history[-1]["train_loss"] < trainer.history[0]["train_loss"]
+    elif expected == "falls every epoch":
+        assert rates[0] == pytest.approx(changes["lr"]) and rates[0] > rates[1] > rates[2] > 0
+    elif expected == "warms up from lr/25":
+        assert rates[0] == pytest.approx(changes["lr"] / 25) and rates[1] > rates[0]
+    else:
+        assert rates == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_plateau_lowers_the_rate_after_patience_epochs_without_improvement(params):
+    tp = params.mlp.train.model_copy(update={"scheduler": "plateau", "lr": 0.1, "gamma": 0.5, "plateau_patience": 1})
+    optimizer = torch.optim.SGD(MLP([8], 0.0).parameters(), lr=tp.lr)
+    schedule = make_schedule(optimizer, tp, steps_per_epoch=10)
+    rates = []
+    for val_acc in (0.50, 0.60, 0.60, 0.60, 0.70, 0.70, 0.70):  # stalls twice for 2 epochs
+        schedule.after_batch()
+        schedule.after_epoch(val_acc)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025], rel=1e-9, abs=0)
 
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(params):
