@@ -134,9 +134,11 @@ def create_app(model_path: Path, max_upload: int = DEFAULT_MAX_UPLOAD, threads: 
             return None
         try:
             return prepare(data, max_pixels)
-        except ImageError as exc:  # the documented refusals; anything else is a bug and answers 500
+        except ImageError as exc:  # the documented refusals
             entry.update(status=status_of(exc), error=str(exc))
-            return None
+        except Exception:  # a bug in preparation: this file's 500, the others are still answered
+            entry.update(status=500, error="internal error while preparing this image")
+        return None
 
     def answer(files: list[tuple[dict[str, Any], str, bytes]]) -> tuple[int, bytes]:
         """(status, JSON body) for the uploads: runs in the pool, off the event loop."""

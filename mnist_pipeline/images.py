@@ -119,6 +119,8 @@ def read_bounded(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
         raise ImageError("is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a path the OS cannot name, e.g. with a NUL byte
+        raise ImageError(f"cannot read it: {exc}") from None
 
 
 # EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose applies it).
@@ -196,22 +198,15 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
 
 
 def prepare(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The 28×28 float array in [0, 1] for one encoded image; ImageError for anything unusable."""
-    try:
-        with _open(data, max_pixels) as image:
-            return to_mnist(to_gray(image))
-    except PipelineError:
-        raise
-    except Exception as exc:  # an odd mode or EXIF block can fail inside Pillow or numpy: this file's error
-        raise ImageError(f"cannot prepare this image: {type(exc).__name__}: {exc}") from None
+    """The 28×28 float array in [0, 1] for one encoded image.
+
+    Raises ImageError (or a subclass) for the documented refusals only: empty, not a supported
+    format, over a limit, truncated or corrupt, no pixels, blank. Any other exception is a bug in
+    this module, and is left to surface as one (callers report it for that input alone)."""
+    with _open(data, max_pixels) as image:
+        return to_mnist(to_gray(image))
 
 
 def prepare_file(path: Path, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES) -> np.ndarray:
-    """`prepare` for a file, read with `read_bounded`; ImageError for anything unusable."""
-    try:
-        data = read_bounded(path, max_bytes)
-    except PipelineError:
-        raise
-    except Exception as exc:  # an unreadable path in some other way: this file's error, not the run's end
-        raise ImageError(f"cannot read this file: {type(exc).__name__}: {exc}") from None
-    return prepare(data, max_pixels)
+    """`prepare` for a file, read with `read_bounded`."""
+    return prepare(read_bounded(path, max_bytes), max_pixels)

@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     for i, path in enumerate(args.images):
         try:
             prepared[i] = prepare_file(path)
-        except ImageError as exc:  # prepare_file turns every per-file failure into one
+        except ImageError as exc:  # the documented refusals
             errors[i] = str(exc)
+        except Exception as exc:  # a bug in preparation: still this file's line, never the run's end
+            errors[i] = f"internal error while preparing this file ({type(exc).__name__}: {exc}); please report it"
     # One batched inference call for every readable image, then answers in input order.
     probs = dict(zip(prepared, model.probabilities(np.stack(list(prepared.values()))))) if prepared else {}
     for i, path in enumerate(args.images):
