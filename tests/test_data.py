@@ -40,14 +40,25 @@ def test_batches_cover_every_index_once():
 
 
 def test_random_affine_keeps_shape_background_and_is_seeded():
-    images, _ = synthetic_digits(16, seed=0)
-    x = images.unsqueeze(1).float() / 255
-    x[:, :, :2, :] = 0  # clean border: background stays 0 after a warp
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1  # an 8×8 block of ink at the centre, background 0
     a = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(1))
     b = random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b)
-    assert not torch.equal(a, x)
-    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, x) and not torch.equal(a, random_affine(x, 15, 0.1, 2, torch.Generator().manual_seed(2)))
+    # ±15° about the centre, ±10 % zoom and ±2 px moves no ink more than ~6 px: the outer 3 pixels
+    # stay exact background, and the ink's mass changes only by the zoom's area factor.
+    ring = torch.ones(28, 28, dtype=torch.bool)
+    ring[3:25, 3:25] = False
+    assert torch.count_nonzero(a[:, 0, ring]) == 0
+    mass = a.sum((1, 2, 3))
+    assert ((mass >= 64 * 0.9**2 * 0.97) & (mass <= 64 * 1.1**2 * 1.03)).all(), mass
+    assert (a.amax((1, 2, 3)) > 0.99).all(), "the block's inside is still full ink"
+    # Ink at the edge: what the warp brings in from outside the image is background, never repeated ink.
+    edge = torch.zeros(64, 1, 28, 28)
+    edge[:, :, :, :4] = 1
+    assert (random_affine(edge, 15, 0.1, 2, torch.Generator().manual_seed(1)).sum((1, 2, 3))
+            <= 112 * 1.1**2 * 1.03).all()
     identity = random_affine(x, 0, 0, 0, torch.Generator().manual_seed(1))
     assert torch.allclose(identity, x, atol=1e-5)
 
