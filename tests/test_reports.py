@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,9 +51,20 @@ def test_figures_are_written(tmp_path):
     history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1, 0.5], "val_loss": [1, 0.6],
                             "train_acc": [0.5, 0.8], "val_acc": [0.5, 0.7]})
     reports.plot_history(history, tmp_path / "h.png")
-    for name in ("c.png", "m.png", "h.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "h.png", "m.png"]
+    shown = {}
+    for name in ("c.png", "m.png", "h.png"):
+        with Image.open(tmp_path / name) as image:  # decodes: a real PNG, not just its magic bytes
+            assert image.format == "PNG" and min(image.size) >= 150
+            shown[name] = np.asarray(image.convert("RGB"))
+        assert len(np.unique(shown[name].reshape(-1, 3), axis=0)) > 20, f"{name} is (nearly) blank"
+    # The confusion matrix: its diagonal cells are shaded (Blues), so deep blue pixels are present.
+    c = shown["c.png"].astype(int)
+    assert ((c[..., 2] - c[..., 0] > 100) & (c[..., 2] > 100)).sum() > 1000
+    # Two of the four images are wrong, so two panels show digits: dark pixels from the images.
+    assert (shown["m.png"].max(axis=2) < 60).sum() > 200
 
 
 def test_curves_show_the_error_rate_on_a_log_axis():
