@@ -24,7 +24,8 @@ from PIL import Image
 
 import common
 from mnist_pipeline import checkpoint
-from mnist_pipeline.data import normalise
+from mnist_pipeline.data import to_unit
+from mnist_pipeline.export import deployable
 
 
 def throughput(run, x: np.ndarray, batch: int) -> float:
@@ -49,9 +50,9 @@ def main() -> None:
     if not onnx_path.exists():
         sys.exit("run `dvc repro` first: this benchmark uses models/checkpoint.pt and models/export/model.onnx")
     ckpt = checkpoint.load_checkpoint(ckpt_path)
-    model = ckpt.build()
+    model = deployable(ckpt.build(), ckpt.normalisation["mean"], ckpt.normalisation["std"])
     images, _ = common.processed()["test"]
-    x = normalise(images, ckpt.normalisation["mean"], ckpt.normalisation["std"]).numpy()
+    x = to_unit(images).numpy()  # what both take: [0, 1] pixels, normalised inside the model
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def eager(batch: np.ndarray) -> None:

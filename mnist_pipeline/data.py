@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mnist_pipeline.errors import DatasetError
 
@@ -55,9 +56,27 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
+def standardise(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """[0, 1] pixels → model input, with the train-split statistics: the one normalisation rule. Training,
+    evaluation and the exported graphs (`Standardise`) all call it, so `mnist-predict` and `mnist-serve`
+    feed [0, 1] pixels and never restate it."""
+    return (x - mean) / std
+
+
+class Standardise(nn.Module):
+    """`standardise` as the first layer of an exported model, its statistics baked in."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise(x, self.mean, self.std)
+
+
 def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """uint8 N×H×W → float N×1×H×W, standardised with the train-split statistics."""
-    return to_unit(images).sub_(mean).div_(std)
+    return standardise(to_unit(images), mean, std)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mnist_pipeline.datasets import DatasetSpec, IdxFile
 from mnist_pipeline.errors import DatasetError
-from mnist_pipeline.fileio import atomic_path, scratch_path, sha256_file
+from mnist_pipeline.fileio import atomic_path, scratch_path, sha256_file, write_bytes
 
 MIRROR_ENV = "MNIST_MIRROR"
 # Extra pinned payload checksums, {dataset: {file name: sha256 of the decompressed file}},
@@ -179,6 +179,18 @@ def _pinned(spec: IdxFile, extra: Mapping[str, str]) -> list[str]:
     return [s for s in (spec.raw_sha256, extra.get(spec.name)) if s]
 
 
+# A payload with no pinned sha256 (KMNIST publishes .gz md5s only) is verified through its .gz at
+# download; its sha256 is then kept beside it, so an unchanged payload is present on the next run.
+RECORD_SUFFIX = ".sha256"
+
+
+def _recorded(record: Path) -> list[str]:
+    try:
+        return [record.read_text().strip()]
+    except OSError:
+        return []
+
+
 def _inflate(gz: Path, dest: Path, limit: int) -> None:
     inflate = zlib.decompressobj(wbits=31)
     size = 0
@@ -210,11 +222,13 @@ def download_file(
     dest = folder / spec.payload
     stale_gz = folder / spec.name  # what versions before the decompressed layout kept
     stale_gz.unlink(missing_ok=True)
+    record = folder / (spec.payload + RECORD_SUFFIX)
+    pinned = _pinned(spec, extra)
     if dest.exists():
-        pinned = _pinned(spec, extra)
-        if dest.stat().st_size <= spec.size and sha256_file(dest) in pinned:
+        known = pinned or _recorded(record)
+        if dest.stat().st_size <= spec.size and sha256_file(dest) in known:
             return "present"
-        log(f"{dest}: " + ("checksum mismatch" if pinned else "no pinned payload checksum to verify it against")
+        log(f"{dest}: " + ("checksum mismatch" if known else "no pinned payload checksum to verify it against")
             + "; fetching it again")
     failures: list[str] = []
     for base in urls:
@@ -225,6 +239,8 @@ def download_file(
                     _fetch(url, gz, timeout, max_gz_bytes(spec))
                     verify_file(gz, spec, extra)
                     _inflate(gz, tmp, spec.size)
+                if not pinned:  # verified by the official .gz md5 alone: remember what that payload was
+                    write_bytes(record, (sha256_file(dest) + "\n").encode())
                 return url
             except ChecksumError as exc:
                 failures.append(f"{url}: {exc}")

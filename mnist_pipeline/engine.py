@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from mnist_pipeline.data import batch_indices, random_affine, to_unit
+from mnist_pipeline.data import batch_indices, random_affine, standardise, to_unit
 from mnist_pipeline.errors import DeviceError, TrainingDiverged
 from mnist_pipeline.params import TrainParams
 
@@ -64,7 +64,7 @@ def uses_channels_last(model: nn.Module) -> bool:
 
 
 def _prepare(x: torch.Tensor, mean: float, std: float, channels_last: bool) -> torch.Tensor:
-    x = x.sub_(mean).div_(std)
+    x = standardise(x, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 

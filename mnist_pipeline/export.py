@@ -1,8 +1,12 @@
 """Export a model to ONNX and torch.export (.pt2), and measure each against PyTorch.
 
-The file format (names, input spec, metadata, loader) is `exported.py`'s; parity is
-measured on what `exported.load_model` reads back, the path `mnist-predict` takes.
-TorchScript is deprecated in torch 2.14 and is not offered.
+The file format (names, input spec, metadata, loader) is `exported.py`'s. What is exported
+is `deployable(model, mean, std)`: the trained model behind its normalisation, so the file
+takes [0, 1] pixels. Parity is measured twice on what `exported.load_model` reads back:
+on the test images as tensors, and through the whole path `mnist-predict` and
+`mnist-serve` take (PNG bytes → `images.prepare` → `Model.probabilities`), against the
+PyTorch model on the same prepared digits. TorchScript is deprecated in torch 2.14 and is
+not offered.
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_pipeline.data import Standardise
 from mnist_pipeline.errors import ParityError
-from mnist_pipeline.exported import INPUT_NAME, OUTPUT_NAME, PT2_METADATA
+from mnist_pipeline.exported import INPUT_NAME, OUTPUT_NAME, PT2_METADATA, Model
 from mnist_pipeline.fileio import write_bytes
+from mnist_pipeline.images import prepare
 
 
-def _example() -> tuple[torch.Tensor, dict[str, Any]]:
+def deployable(model: nn.Module, mean: float, std: float) -> nn.Module:
+    """The model as exported: [0, 1] pixels in, logits out, the normalisation its first layer."""
+    return nn.Sequential(Standardise(mean, std), model).eval()
+
+
+def _example() -> tuple[torch.Tensor, tuple[dict[int, Any]]]:
     example = torch.zeros(2, 1, 28, 28)
-    return example, {"x": {0: torch.export.Dim("batch", min=1)}}
+    return example, ({0: torch.export.Dim("batch", min=1)},)  # by position: whatever the forward's argument is named
 
 
 # Both exporters record, per node, the Python stack that produced it: absolute paths and line
@@ -63,9 +74,34 @@ def parity(reference: np.ndarray, exported: np.ndarray) -> dict[str, float]:
     }
 
 
-def check_parity(report: dict[str, float], fmt: str, tolerance: float = 1e-4) -> None:
+def png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def prepared_parity(model: nn.Module, loaded: Model, images: torch.Tensor) -> dict[str, float]:
+    """The served path against PyTorch: uint8 N×28×28 images as PNG files → `images.prepare` → the
+    exported file's `probabilities`, and the deployable PyTorch `model` on the same prepared digits."""
+    digits = np.stack([prepare(png(image)) for image in images.numpy()])
+    served = loaded.probabilities(digits)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(digits)[:, None]).double().softmax(1).numpy()
+    return {"max_abs_prob_diff": float(np.abs(reference - served).max()),
+            "top1_agreement": float((reference.argmax(1) == served.argmax(1)).mean()), "samples": int(len(digits))}
+
+
+def check_parity(report: dict[str, Any], fmt: str, tolerance: float = 1e-4) -> None:
+    path = report.get("prepared_path", {"top1_agreement": 1.0, "max_abs_prob_diff": 0.0})
     if report["top1_agreement"] < 1.0 or report["max_abs_logit_diff"] > tolerance:
         raise ParityError(
             f"{fmt} export disagrees with the PyTorch checkpoint: top-1 agreement {report['top1_agreement']:.4f} "
             f"(expected 1.0), max logit difference {report['max_abs_logit_diff']:.2e} (expected ≤ {tolerance:g})"
         )
+    if path["top1_agreement"] < 1.0 or path["max_abs_prob_diff"] > tolerance:
+        raise ParityError(
+            f"{fmt} export through images.prepare disagrees with PyTorch on the same prepared digits: top-1 "
+            f"agreement {path['top1_agreement']:.4f} (expected 1.0), max probability difference "
+            f"{path['max_abs_prob_diff']:.2e} (expected ≤ {tolerance:g})")

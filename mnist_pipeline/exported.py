@@ -1,8 +1,10 @@
 """The exported-model format: file names, input spec, metadata, and the one loader.
 
-An exported model takes a float batch N×1×28×28 already normalised and returns N×10
-logits, with a dynamic batch dimension. What a user of the file needs besides the
-graph — class names, normalisation, model name — travels inside it: ONNX
+An exported model takes a float batch N×1×28×28 of [0, 1] pixels (white digit on black,
+as `images.prepare` makes them) and returns N×10 logits, with a dynamic batch dimension.
+The normalisation is the graph's first layer (`data.Standardise`), so no caller restates
+it. What a user of the file needs besides the graph — class names, model name, the
+statistics for reference — travels inside it: ONNX
 `metadata_props`, or a `model.json` extra file in a `.pt2`. The export stage writes
 it with `metadata` and checks parity by loading through `load_model`, the same path
 `mnist-predict` takes.
@@ -25,7 +27,7 @@ import numpy as np
 from mnist_pipeline.errors import ModelFileError, first_line
 
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-INPUT_SPEC = "float32 N×1×28×28: grayscale, white digit on black, (pixel/255 - mean) / std; output N×10 logits"
+INPUT_SPEC = "float32 N×1×28×28 in [0, 1] (pixel/255): grayscale, white digit on black; output N×10 logits"
 FILE_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
 PT2_METADATA = "model.json"  # the extra file of a .pt2 export that holds its metadata
 MAX_MODEL_BYTES = 256 << 20  # far above any model this pipeline makes; bounds what a loader reads
@@ -33,15 +35,12 @@ MAX_MODEL_BYTES = 256 << 20  # far above any model this pipeline makes; bounds w
 
 @dataclass(frozen=True)
 class Model:
-    run: Callable[[np.ndarray], np.ndarray]  # float32 N×1×28×28 → N×10 logits
+    run: Callable[[np.ndarray], np.ndarray]  # float32 N×1×28×28 in [0, 1] → N×10 logits
     classes: list[str]
-    mean: float
-    std: float
 
     def probabilities(self, digits: np.ndarray) -> np.ndarray:
         """Class probabilities for prepared digits N×28×28 in [0, 1]."""
-        x = ((digits - self.mean) / self.std).astype(np.float32)[:, None]
-        logits = np.asarray(self.run(x), dtype=np.float64)
+        logits = np.asarray(self.run(digits.astype(np.float32, copy=False)[:, None]), dtype=np.float64)
         logits -= logits.max(1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(1, keepdims=True)
@@ -61,7 +60,10 @@ def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray]
             or not math.isfinite(mean) or not (math.isfinite(std) and std > 0):
         raise ModelFileError(f"{path}: invalid metadata (classes {meta['classes']!r}, mean {meta['mean']!r}, "
                              f"std {meta['std']!r})")
-    return Model(run, classes, mean, std)
+    if meta.get("input") != INPUT_SPEC:  # earlier exports took standardised input: fed pixels, they would be wrong
+        raise ModelFileError(f"{path}: made for another input ({meta.get('input')!r}); "
+                             "re-export it with `dvc repro export`")
+    return Model(run, classes)
 
 
 def _load_onnx(path: Path, threads: int | None) -> Model:

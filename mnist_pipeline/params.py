@@ -4,17 +4,21 @@ Every stage loads the whole file through `load_params`, so a typo anywhere stops
 the pipeline before any work, with one line naming the key, the value and what is
 allowed. Unknown keys are errors too: a misspelt `learning_rate` must not be
 silently ignored while the default `lr` trains the model. Types are strict (no
-"0.1" strings for numbers, no 1 for true), except that YAML 1.2 floats such as
-`1e-3` are read as numbers, as DVC itself reads them.
+"0.1" strings for numbers, no 1 for true).
+
+The file is read as DVC reads it: ruamel.yaml's safe loader, YAML 1.2 (so `1e-3` is a
+number and `yes` a string). `apply_overrides` is DVC's own `-S` implementation (Hydra's
+override grammar, `dvc.utils.hydra`), run on a copy of the params.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError
 
 from mnist_pipeline.datasets import DATASETS
@@ -197,40 +201,50 @@ def parse_params(data: Any) -> Params:
     return params
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 floats: `1e-3` is a number (PyYAML 1.1 wants `1.0e-3`)."""
+def read_yaml(text: str) -> Any:
+    """YAML text as DVC reads params files: ruamel.yaml, safe loader, YAML 1.2."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+def _dump_yaml(data: Any) -> str:
+    from ruamel.yaml import YAML
+
+    out = io.StringIO()
+    YAML(typ="safe", pure=True).dump(data, out)
+    return out.getvalue()
 
 
 def apply_overrides(params: Params, overrides: list[str]) -> Params:
-    """What `dvc exp run -S key=value ...` does to params.yaml: dotted keys, YAML values (benchmarks, tests)."""
-    data = params.model_dump(mode="json")
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ParamsError(f"params.yaml: {key} is not a key (override {item!r})")
-        node[leaf] = yaml.load(value, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    return parse_params(data)
+    """What `dvc exp run -S key=value ...` does to params.yaml (DVC's code, Hydra's grammar): benchmarks, tests."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(_dump_yaml(params.model_dump(mode="json")))
+        try:
+            dvc_apply_overrides(path, overrides)
+        except InvalidArgumentError as exc:
+            cause = str(exc.__cause__ or exc)
+            key = re.search(r"Could not override '([^']+)'\.\s+To append to your config use \+", cause)
+            if key:  # Hydra's words for a key params.yaml does not have
+                raise ParamsError(f"params.yaml: {key.group(1)} is not a key (-S {' '.join(overrides)})") from None
+            raise ParamsError(f"params.yaml: -S {' '.join(overrides)}: {' '.join(cause.split())}") from None
+        return load_params(path)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    from ruamel.yaml import YAMLError
+
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        data = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the repository root)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{path}: cannot read it: {exc}") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_params(data)

@@ -3,10 +3,11 @@
 Params: export (formats, opset, parity_samples).
 Reads: CHECKPOINT, DATA_DIR/test.pt (the first parity_samples images, as parity inputs only:
 nothing is selected on them), --eval (test accuracy for the card).
-Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2, --card (the model card: small and byte-stable,
-so it is kept in git while the models go to the DVC cache), and --metrics
-(per format: max absolute logit difference and top-1 agreement against PyTorch). Fails if
-any format disagrees with the checkpoint.
+Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2 (taking [0, 1] pixels: the normalisation
+is inside), --card (the model card: small and byte-stable, so it is kept in git while the models
+go to the DVC cache), and --metrics (per format: max absolute logit difference and top-1
+agreement against PyTorch, and the same through images.prepare from PNG bytes, the path
+mnist-predict and mnist-serve take). Fails if any format disagrees with the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mnist_pipeline import export, exported, processed, stage
 from mnist_pipeline.checkpoint import load_checkpoint
-from mnist_pipeline.data import normalise
+from mnist_pipeline.data import to_unit
 from mnist_pipeline.errors import DatasetError
 from mnist_pipeline.fileio import sha256_file, write_json
 from mnist_pipeline.models import count_parameters
@@ -47,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = test_accuracy(args.eval)  # checked first: a bad file fails before seconds of export
     ckpt = load_checkpoint(args.checkpoint)
     images, _ = processed.load_split(args.data_dir, "test")
-    model = ckpt.build()
     norm = ckpt.normalisation
+    model = export.deployable(ckpt.build(), norm["mean"], norm["std"])
     metadata = exported.metadata(ckpt.model, ckpt.classes, norm["mean"], norm["std"])
-    x = normalise(images[: params.export.parity_samples], norm["mean"], norm["std"])
+    sample = images[: params.export.parity_samples]
+    x = to_unit(sample)
     reference = model(x).detach().numpy()
 
     report, files = {}, {}
@@ -61,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export.export_pt2(model, path, metadata)
         # This stage wrote the .pt2 itself a moment ago, so unpickling it is trusted.
-        report[fmt] = export.parity(reference, exported.load_model(path, trust_pickle=True).run(x.numpy()))
+        loaded = exported.load_model(path, trust_pickle=True)
+        report[fmt] = {**export.parity(reference, loaded.run(x.numpy())),
+                       "prepared_path": export.prepared_parity(model, loaded, sample)}
         files[path.name] = sha256_file(path)
         print(f"{path}: max |Δlogit| {report[fmt]['max_abs_logit_diff']:.2e}, "
-              f"top-1 agreement {report[fmt]['top1_agreement']:.4f} on {report[fmt]['samples']} test images")
+              f"top-1 agreement {report[fmt]['top1_agreement']:.4f} on {report[fmt]['samples']} test images; "
+              f"through images.prepare: max |Δp| {report[fmt]['prepared_path']['max_abs_prob_diff']:.2e}")
     write_json(args.metrics, report)
     for fmt, result in report.items():
         export.check_parity(result, fmt)
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.card, {
         "model": ckpt.model,
         "model_kwargs": ckpt.model_kwargs,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model),  # the Standardise layer has none
         "test_accuracy": accuracy,
         "classes": ckpt.classes,
         "normalisation": norm,

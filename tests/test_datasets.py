@@ -1,5 +1,6 @@
 import dataclasses
 import gzip
+import hashlib
 import http.server
 import threading
 from pathlib import Path
@@ -95,6 +96,28 @@ def test_download_from_directory_and_skip_when_present(tmp_path):
     again = download(spec, out, mirror_env(tmp_path / "mirror", pins), retries=0)
     assert set(again.values()) == {"present"}
     assert sorted(p.name for p in out.iterdir()) == sorted(f.payload for f in spec.files)
+
+
+FILE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def test_unpinned_payload_verified_by_its_gz_is_kept_on_the_next_run(tmp_path):
+    """KMNIST publishes .gz md5s only: its payloads are verified at download, then must count as
+    present (not be fetched again on every run) while they are unchanged."""
+    write_mirror(tmp_path / "mirror")
+    md5s = {f.name: hashlib.md5((tmp_path / "mirror" / f.name).read_bytes()).hexdigest() for f in SPEC.files}
+    spec = dataclasses.replace(SPEC, mirrors=(), **{key: dataclasses.replace(f, gz_md5=md5s[f.name], raw_sha256=None)
+                                                    for key, f in zip(FILE_KEYS, SPEC.files)})
+    out = tmp_path / "raw"
+    env = {"MNIST_MIRROR": str(tmp_path / "mirror")}
+    assert all(src.startswith("file://") for src in download(spec, out, env, retries=0).values())
+    for gz in (tmp_path / "mirror").iterdir():
+        gz.unlink()  # nothing to fetch from now: present, or an error
+    assert set(download(spec, out, env, retries=0).values()) == {"present"}
+    changed = out / SPEC.train_labels.payload
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x09")  # a kept file that changed is not present
+    with pytest.raises(DatasetError, match="could not get a verified"):
+        download(spec, out, env, retries=0)
 
 
 def test_kept_files_do_not_depend_on_the_mirror_or_its_compression(tmp_path):

@@ -144,3 +144,24 @@ def test_scientific_learning_rates_are_numbers(tmp_path, text, expected):
 def test_seed_out_of_torchs_range_is_refused(seed, fragment):
     with pytest.raises(ParamsError, match=f"seed = {seed} is invalid: expected a value {fragment}"):
         parse_params(with_change("seed", seed))
+
+
+@pytest.mark.parametrize("text", [
+    "lr: 1e-3\n", "lr: 1E-3\n", "enabled: yes\n", "enabled: on\n", "octal: 0o17\n", "n: 012\n", "x: .5\n",
+    "big: 18446744073709551616\n", "nan: .nan\n", "s: '1e-3'\n", "l: [1, 2.5e+1, true]\n", "t: True\n",
+])
+def test_params_are_read_as_dvc_reads_them(text):
+    from dvc.utils.serialize import parse_yaml
+
+    from mnist_pipeline.params import read_yaml
+
+    ours, dvcs = read_yaml(text), parse_yaml(text, "params.yaml")
+    assert ours == dvcs or (ours != ours and dvcs != dvcs), (ours, dvcs)  # NaN equals nothing
+
+
+def test_overrides_use_dvcs_grammar():
+    base = parse_params(DEFAULTS)
+    changed = apply_overrides(base, ["mlp.hidden=[64,32]", "mlp.train.augment.rotate=7.5", "dataset=kmnist"])
+    assert (changed.mlp.hidden, changed.mlp.train.augment.rotate, changed.dataset) == ((64, 32), 7.5, "kmnist")
+    with pytest.raises(ParamsError, match="Error parsing override 'oops'"):
+        apply_overrides(base, ["oops"])
