@@ -10,9 +10,12 @@ ToTensor + Normalize(0.1307, 0.3081), on the CPU as the script runs there (no wo
 tested on the full test set after every epoch.
 
 Pipeline: the shipped Trainer with a one-epoch recipe given as `dvc exp run -S` overrides:
-FAST plus each of CANDIDATES (batch size and peak learning rate), run in turn; the one
-with the best validation accuracy is the pipeline's entry (the test set picks nothing).
-README gives its command. Each is also tested on the test set after its epoch.
+FAST plus each of CANDIDATES (batch size and peak learning rate), run in turn at the
+default seed; the one with the best validation accuracy is the pipeline's recipe (the test
+set picks nothing). README gives its command. That search is part of the recipe's cost:
+its training seconds are reported, and a speed-up with them counted. The chosen recipe is
+then run at SEEDS, each a fresh model, and the pipeline's figure is their mean (and how
+many reached the target), not one lucky run.
 
 Both sides count training seconds only: the clock stops while the test set is scored,
 so the figure is "seconds of training until an end-of-epoch test reached 99.0 %". The
@@ -24,6 +27,7 @@ baseline has none. Each side stops at its first epoch at or over the target, or 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,6 +48,7 @@ TARGET = 0.99
 # epoch, no weight average (an EMA over a single epoch still remembers its random start) and
 # no augmentation (one pass is too short to need it).
 FAST = ["model=cnn", "cnn.train.epochs=1", "cnn.train.ema=0", "cnn.train.augment.enabled=false"]
+SEEDS = (1, 2, 3)
 CANDIDATES = [["cnn.train.batch_size=256", "cnn.train.lr=0.1"], ["cnn.train.batch_size=128", "cnn.train.lr=0.1"],
               ["cnn.train.batch_size=128", "cnn.train.lr=0.3"], ["cnn.train.batch_size=64", "cnn.train.lr=0.1"],
               ["cnn.train.batch_size=64", "cnn.train.lr=0.2"]]
@@ -146,17 +151,33 @@ def main() -> None:
         print(f"pipeline, `dvc exp run {' '.join('-S ' + o for o in overrides)}`:")
         candidates.append({"overrides": overrides,
                            **pipeline(apply_overrides(defaults, overrides), data, norm, args.max_epochs)})
-    ours = max(candidates, key=lambda c: c["epochs"][-1]["val_acc"])  # chosen on validation only
-    print(f"chosen on validation accuracy: {' '.join(ours['overrides'])}")
-    print("canonical pytorch/examples mnist:")
+    chosen = max(candidates, key=lambda c: c["epochs"][-1]["val_acc"])  # chosen on validation only
+    search_seconds = round(sum(c["epochs"][-1]["train_seconds"] for c in candidates), 2)
+    print(f"chosen on validation accuracy: {' '.join(chosen['overrides'])} (search: {search_seconds} s of training)")
+    seeds = []
+    for seed in SEEDS:
+        print(f"pipeline, chosen recipe, seed {seed}:")
+        run = pipeline(apply_overrides(defaults, chosen["overrides"] + [f"seed={seed}"]), data, norm, args.max_epochs)
+        seeds.append({"seed": seed, **run, "seconds_to_target": reached(run)})
+    times = [s["seconds_to_target"] for s in seeds if s["seconds_to_target"] is not None]
+    ours = {"overrides": chosen["overrides"], "params": seeds[0]["params"], "seeds": seeds,
+            "reached": f"{len(times)} of {len(seeds)}",
+            "mean_test_acc": round(statistics.mean(s["epochs"][-1]["test_acc"] for s in seeds), 4),
+            "mean_seconds_to_target": round(statistics.mean(times), 2) if len(times) == len(seeds) else None,
+            "search_seconds": search_seconds}
+    print("canonical pytorch/examples mnist (its own seed, 1):")
     with tempfile.TemporaryDirectory() as tmp:
         theirs = canonical(common.mnist_folder(Path(tmp)), args.max_epochs)
-    a, b = reached(ours), reached(theirs)
+    theirs["seconds_to_target"] = reached(theirs)
+    a, b = ours["mean_seconds_to_target"], theirs["seconds_to_target"]
     speedup = round(b / a, 1) if a and b else None
-    print(f"seconds of training to {TARGET:.0%} test accuracy: pipeline {a}, canonical {b} → {speedup}×")
-    common.save("canonical", {"target_test_accuracy": TARGET, "fast_recipe": ours["overrides"],
-                              "candidates": candidates, "pipeline": {**ours, "seconds_to_target": a},
-                              "canonical": {**theirs, "seconds_to_target": b}, "speedup": speedup})
+    with_search = round(b / (a + search_seconds), 1) if a and b else None
+    print(f"seconds of training to {TARGET:.0%} test accuracy: pipeline {a} (mean of seeds {SEEDS}, "
+          f"{ours['reached']} reached it), canonical {b} → {speedup}×; counting the {search_seconds} s recipe "
+          f"search: {with_search}×")
+    common.save("canonical", {"target_test_accuracy": TARGET, "fast_recipe": chosen["overrides"],
+                              "candidates": candidates, "pipeline": ours, "canonical": theirs,
+                              "speedup": speedup, "speedup_with_search": with_search})
 
 
 if __name__ == "__main__":

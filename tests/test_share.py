@@ -149,7 +149,7 @@ def test_experiments_travel_between_machines(team):
                                       data["metrics"]["metrics/eval.json"]["data"]["accuracy"])
     assert found["seed-1"] == (1, accuracy[1]) and found["seed-2"] == (2, accuracy[2])
     diff = json.loads(team.dvc(third, "exp", "diff", "seed-1", "seed-2", "--json").stdout)
-    assert diff["params"]["params.yaml"]["seed"] == {"old": 1, "new": 2}
+    assert diff["params"]["params.yaml"]["seed"] == {"old": 1, "new": 2, "diff": 1}
     assert diff["metrics"]["metrics/eval.json"]["accuracy"]["old"] == accuracy[1]
     assert diff["metrics"]["metrics/eval.json"]["accuracy"]["new"] == accuracy[2]
 
