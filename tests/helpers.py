@@ -224,3 +224,93 @@ def wait_answers(driver, at_least: int, timeout: float = 20) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the page showed {state[0]} answers, expected {at_least} (busy={state[1]})")
+
+
+# ---------------------------------------------------------------- a real Ray cluster on this machine
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayCluster:
+    """A Ray head (no CPUs: trials go to the workers) and worker nodes started with `ray start --block`,
+    all inside one PID namespace this process owns (`unshare --pid`, root only), so that stopping it,
+    or this process dying, ends every process of it and no other Ray on the machine.
+
+    Each node runs in its own process group inside the namespace, so one node can be killed alone.
+    Every address is loopback: the nodes use 127.0.0.1, and clients bootstrap through 127.0.0.2,
+    which Ray does not rewrite to the machine's network address as it does "127.0.0.1"."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3"}
+        self.log_dir = log_dir
+        # pdeathsig: if this process dies, unshare is killed, and with it (--kill-child) the namespace's init.
+        self.owner = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--fork", "--pid",
+                                       "--mount-proc", "--kill-child=KILL", "--", "sleep", "infinity"],
+                                      env=self.env)
+        self.init = self._namespace_init()
+        self.port = free_port()
+        self.address = f"127.0.0.2:{self.port}"
+        self.nodes: list[tuple[subprocess.Popen, int]] = []
+        self._node(["--head", "--port", str(self.port), "--num-cpus", "0", "--include-dashboard", "false"])
+
+    def _namespace_init(self) -> int:
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{self.owner.pid}/task/{self.owner.pid}/children")
+            found = children.read_text().split() if children.exists() else []
+            if found:
+                return int(found[0])
+            time.sleep(0.05)
+        raise AssertionError("unshare did not start its PID namespace")
+
+    def inside(self, *command: str, cwd: Path | None = None) -> list[str]:
+        """`command` run inside the cluster's PID namespace (the sweep driver must be: Ray checks its PID)."""
+        return ["nsenter", "--target", str(self.init), "--pid", "--mount", *([f"--wd={cwd}"] if cwd else []),
+                "--", *command]
+
+    def _node(self, args: list[str]) -> None:
+        ports = [a for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                                "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+                 for a in (flag, str(free_port()))]
+        start = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+                 "--object-store-memory", str(80 << 20), *ports, *args]
+        log = open(self.log_dir / f"node{len(self.nodes)}.log", "w")
+        proc = subprocess.Popen(self.inside("setsid", "sh", "-c", 'echo $$; exec "$@"', "node", *start),
+                                env=self.env, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.nodes.append((proc, int(proc.stdout.readline())))  # its process group, inside the namespace
+
+    def add_worker(self, cpus: int = 1) -> None:
+        self._node(["--address", self.address, "--num-cpus", str(cpus)])
+
+    def wait_for(self, alive: int, timeout: float = 90) -> None:
+        import time
+
+        probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run(self.inside(sys.executable, "-c", probe, self.address), env=self.env,
+                                 capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(alive)]:
+                return
+            time.sleep(1)
+        raise AssertionError(f"the cluster never had {alive} live nodes: {out.stdout[-500:]} {out.stderr[-2000:]}")
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL every process of one node: its raylet, agents and the workers running its trials."""
+        subprocess.run(self.inside("kill", "-KILL", "--", f"-{self.nodes[index][1]}"), check=True)
+
+    def stop(self) -> None:
+        self.owner.kill()  # unshare's --kill-child takes the namespace's init, and the kernel all the rest
+        self.owner.wait(30)
+        for proc, _ in self.nodes:
+            proc.wait(30)
