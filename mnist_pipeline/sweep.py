@@ -212,8 +212,10 @@ def locate(repo: Path, origin: str | None, rev: str, cluster: bool) -> tuple[str
     full = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
     if not cluster and origin is None:
         remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=repo, capture_output=True, text=True)
-        cache = None if remote.returncode == 0 and remote.stdout.strip() else str(repo / ".dvc" / "cache")
-        return str(repo), full, cache
+        if remote.returncode == 0 and remote.stdout.strip():
+            return str(repo), full, None
+        cache = subprocess.run([_tool("dvc"), "cache", "dir"], cwd=repo, capture_output=True, text=True)
+        return str(repo), full, cache.stdout.strip() or str(repo / ".dvc" / "cache")
     if origin is None:
         origin = subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True,
                                 text=True).stdout.strip()
