@@ -85,7 +85,8 @@ def sweep(repo: Path, env: dict[str, str], overrides: list[str], out: Path) -> t
 def main() -> None:
     if not (common.ROOT / "data" / "processed" / "train.pt").exists():
         sys.exit("run `MNIST_MIRROR=... dvc repro` first: both sides start from the reproduced pipeline")
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Loopback only, no usage report, no token file left in ~/.ray by the local instance.
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"dvc queue, -j 2 × 1 thread, {TRIALS} trials: {' '.join(GRID)}", flush=True)

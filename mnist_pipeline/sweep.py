@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline import stage
 from mnist_pipeline.errors import PipelineError, first_line
 from mnist_pipeline.fileio import write_json
 from mnist_pipeline.params import apply_overrides, parse_params, read_yaml
@@ -321,14 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the searcher's seed (random, optuna)")
     parser.add_argument("--out", type=Path, default=Path("sweeps"), help="summary.json and objective.png (default sweeps/)")
     args = parser.parse_args(argv)
-    try:
-        return sweep(args)
-    except SweepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished trials are on the origin; run the same command to do the rest", file=sys.stderr)
-        return 130
+    # A SweepError is one line and exit 2; Ctrl-C exits 130, and the same command later does the rest.
+    return stage.run(lambda _: sweep(args))
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -105,6 +105,27 @@ def run(args: list[str], repo: Path, env: dict[str, str], check: bool = True, ti
     return result
 
 
+def merge(base: dict, changes: dict) -> dict:
+    """`changes` written into the nested mapping `base` (as `dvc exp run -S` would, key by key)."""
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def tiny_repo(work: Path, changes: dict) -> tuple[Path, dict[str, str]]:
+    """A git copy of this repository in work/repo whose params.yaml has `changes` (uncommitted), and a
+    generated mirror in work/mirror its download stage reads: (repo, env for dvc runs there)."""
+    repo = work / "repo"
+    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
+    env = git_repo_env(repo, MNIST_MIRROR=str(work / "mirror"), MNIST_CHECKSUMS=str(checksums))
+    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), changes)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo, env
+
+
 def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
     """Copy the repository into `repo`, commit it, and return the environment for dvc runs there."""
     copy_repo(repo)
@@ -119,15 +140,16 @@ def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------- the real server and a real browser
 
 
-def _load_loadgen():
-    # benchmarks/loadgen.py: the load generator and sample upload the serving benchmark uses too.
-    spec = importlib.util.spec_from_file_location("loadgen", ROOT / "benchmarks" / "loadgen.py")
+def benchmark_module(name: str):
+    """A module of benchmarks/ (not a package), loaded by path under a name of its own."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-loadgen = _load_loadgen()
+# benchmarks/loadgen.py: the sample uploads (and load generator) the serving benchmark uses too.
+loadgen = benchmark_module("loadgen")
 
 
 @contextlib.contextmanager
@@ -237,6 +259,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# No usage reports; no auth token: the test clusters listen on loopback only, and Ray would otherwise write
+# ~/.ray/auth_token for a new local instance and then require it of every later cluster on the machine.
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 class RayCluster:
     """A Ray head (no CPUs: trials go to the workers) and worker nodes started with `ray start --block`,
     all inside one PID namespace this process owns (`unshare --pid`, root only), so that stopping it,
@@ -247,7 +274,7 @@ class RayCluster:
     which Ray does not rewrite to the machine's network address as it does "127.0.0.1"."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_period_ms": "1000",
+        self.env = {**env, **RAY_TEST_ENV, "RAY_health_check_period_ms": "1000",
                     "RAY_health_check_failure_threshold": "3"}
         self.log_dir = log_dir
         # pdeathsig: if this process dies, unshare is killed, and with it (--kill-child) the namespace's init.

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT
+from helpers import benchmark_module
 
 
-def _common():
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _common()
+common = benchmark_module("common")
 
 
 def git(repo: Path, *args: str) -> str:

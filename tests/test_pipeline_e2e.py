@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from helpers import DVC, ROOT, git_repo_env, run, write_mirror
+from helpers import DVC, ROOT, run, tiny_repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
@@ -25,24 +25,10 @@ TINY = {
 }
 
 
-def merge(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """The tiny pipeline reproduced once and committed ("baseline: mlp"): (repo, env, repro's stdout)."""
-    work = tmp_path_factory.mktemp("e2e")
-    repo = work / "repo"
-    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
-    env = git_repo_env(repo, MNIST_MIRROR=str(work / "mirror"), MNIST_CHECKSUMS=str(checksums))
-    params = merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo, env = tiny_repo(tmp_path_factory.mktemp("e2e"), TINY)
     run(["git", "commit", "-qam", "tiny params"], repo, env)
     repro = run([DVC, "repro"], repo, env).stdout
     run(["git", "add", "-A"], repo, env)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import BIN, DVC, RayCluster, git_repo_env, run, write_mirror
+from helpers import BIN, DVC, RAY_TEST_ENV, RayCluster, run, tiny_repo
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,21 +31,11 @@ TINY = {"data": {"val_size": 100},
         "evaluate": {"batch_size": 100}, "export": {"formats": ["onnx"], "parity_samples": 20}}
 
 
-def merge(base: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        merge(base[key], value) if isinstance(value, dict) else base.__setitem__(key, value)
-    return base
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     """A reproduced tiny pipeline, committed and pushed to a bare origin, its outputs to a DVC folder remote."""
     work = tmp_path_factory.mktemp("sweep")
-    repo = work / "repo"
-    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
-    env = git_repo_env(repo, MNIST_MIRROR=str(work / "mirror"), MNIST_CHECKSUMS=str(checksums))
-    (repo / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY),
-                                                     sort_keys=False))
+    repo, env = tiny_repo(work, TINY)
     run([DVC, "repro"], repo, env)
     run([DVC, "remote", "add", "-d", "storage", str(work / "dvc-remote")], repo, env)
     run(["git", "add", "-A"], repo, env)
@@ -213,18 +203,14 @@ def test_bad_input_is_one_line_exit_2_and_no_trial_starts(team, cluster, case, m
 
 def test_the_local_default_needs_no_cluster_origin_or_remote(tmp_path):
     """No --address, no origin, no DVC remote: Ray on this machine, trials pushed back into the repository."""
-    checksums = write_mirror(tmp_path / "mirror", n_train=600, n_test=200)
-    repo = tmp_path / "repo"
-    env = git_repo_env(repo, MNIST_MIRROR=str(tmp_path / "mirror"), MNIST_CHECKSUMS=str(checksums))
-    (repo / "params.yaml").write_text(yaml.safe_dump(merge(yaml.safe_load((repo / "params.yaml").read_text()), TINY),
-                                                     sort_keys=False))
+    repo, env = tiny_repo(tmp_path, TINY)
     run([DVC, "repro"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     # Its own PID namespace: the local Ray instance ends with the command, whatever happens.
     result = subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "--kill-child=KILL", "--", SWEEP,
                              "-S", "seed=3,4", "--out", str(tmp_path / "out")], cwd=repo,
-                            env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True, text=True, timeout=900)
+                            env={**env, **RAY_TEST_ENV}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = {t["experiment"] for t in json.loads((tmp_path / "out" / "summary.json").read_text())["trials"]}
     assert len(names) == 2 and names <= set(run([DVC, "exp", "list", "--name-only"], repo, env).stdout.split())
