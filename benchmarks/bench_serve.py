@@ -172,8 +172,9 @@ def main() -> None:
     if not model.exists():
         sys.exit("run `dvc repro` first: this benchmark serves models/export/model.onnx")
     upload = realistic_upload()
-    results: dict = {"tool": "ab -k -c 8 -n 4000 (ApacheBench " + subprocess.run([AB, "-V"], capture_output=True,
-                     text=True).stdout.split("\n")[0].split()[-1] + ")", "upload_bytes": len(upload),
+    version = re.search(r"Version (\S+)", subprocess.run([AB, "-V"], capture_output=True, text=True).stdout)
+    results: dict = {"tool": f"ab -k -c 8 -n 4000 (ApacheBench {version.group(1) if version else '?'})",
+                     "upload_bytes": len(upload),
                      "clients": CLIENTS, "requests": REQUESTS, "rounds": {1: [], 2: []}}
     with tempfile.TemporaryDirectory() as tmp:
         body, kind = loadgen.multipart([("file", "digit.png", "image/png", upload)])
