@@ -2,8 +2,10 @@
 
     python benchmarks/report.py
 
-The README's table lies between the `<!-- results:start -->` and `<!-- results:end -->`
-markers and is replaced wholesale, so it always shows what the benchmarks measured.
+Each README block lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers and
+is replaced wholesale, so the README shows what the benchmarks measured: `headline` (the
+opening paragraph's figures), `serve` (serving under load, with its goals), `sweep` (Ray
+against `dvc queue`) and `results` (everything, with where each figure comes from).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import subprocess
 
 import common
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def load(name: str) -> dict | None:
@@ -147,14 +148,89 @@ def render() -> str:
     return "\n".join(lines + provenance()) + "\n"
 
 
+def headline() -> str:
+    dvc, sweep = load("dvc"), load("sweep")
+    if not (dvc and sweep):
+        return ""
+    m, e = dvc["metrics"], sweep["experiments"]
+    return (f"On a 2-core CPU the default MLP reaches {pct(e['mlp']['mean'])} ± {pct(e['mlp']['std'])} test accuracy "
+            f"over seeds 1–3 with {secs(m['mlp']['train_seconds'])} of training, and the "
+            f"{e['cnn']['params']:,}-parameter CNN (`-S model=cnn`) {pct(e['cnn']['mean'])} ± {pct(e['cnn']['std'])} "
+            f"with {secs(m['cnn']['train_seconds'])} (`sweep.json`, `dvc.json`; see [Results](#results)).\n")
+
+
+def ms(x: float) -> str:
+    return "< 1 ms" if x < 1 else f"{x:.0f} ms"
+
+
+def serve() -> str:
+    r = load("serve")
+    if not r or "stall" not in r:
+        return ""
+    one, two, stall = r["median_round_1_worker"], r["median_round_2_worker"], r["stall"]
+    lines = [f"Measured with `{r['tool']}` (`python benchmarks/bench_serve.py`, `serve.json`), posting an MNIST "
+             f"test digit inverted and upscaled to 200×200 ({r['upload_bytes']:,}-byte PNG), 8 keep-alive clients on "
+             f"the same 2 cores, median of {len(r['rounds']['1'])} alternated rounds:", "",
+             "| server | requests/s | p50 | p99 | resident memory (all processes) | `/healthz` requests/s, same run |",
+             "|---|---|---|---|---|---|"]
+    for label, run in (("1 worker (default)", one), ("`--workers 2`", two)):
+        lines.append(f"| {label} | {run['requests_per_second']:,.0f} | {ms(run['latency_ms']['p50'])} | "
+                     f"{ms(run['latency_ms']['p99'])} | {run['rss_mb_total']} MB ({' + '.join(map(str, run['rss_mb_by_process']))}) "
+                     f"| {run['healthz']['requests_per_second']:,.0f} |")
+    health = stall["healthz_during"]["latency_ms"]
+    cpu = r["cpu_us_per_request"]
+    steps = ", ".join(f"{name} {us:.0f} µs" for name, us in cpu.items() if name != "total of the steps")
+    lines += ["", f"While 8 clients each posted the 16-file request of the stall report ({stall['heavy_requests']} "
+                  f"requests of {stall['heavy_request_bytes']:,} bytes: 64-megapixel PNGs and 9-megapixel RGBA PNGs, "
+                  f"{stall['heavy_seconds']:.1f} s in all), `/healthz` answered {stall['healthz_during']['requests']:,} "
+                  f"requests with p99 {ms(health['p99'])} (max {ms(health['max'])}), and the worker peaked at "
+                  f"{stall['worker_peak_rss_mb']} MB.",
+              "", f"CPU per request, step by step (in-process, median of repeats): {steps}; "
+                  f"{cpu['total of the steps']:.0f} µs in all. The rest of a request's cost is the HTTP server's: "
+                  "the 2-worker server answers `/healthz`, which does no work, at the rate in the last column.",
+              "", "Goals (issue 17): `/healthz` p99 ≤ 50 ms under that load: "
+                  f"**{'met' if health['p99'] <= 50 else 'missed'}** ({ms(health['p99'])}); ≤ 250 MB per worker: "
+                  f"**{'met' if stall['worker_peak_rss_mb'] <= 250 else 'missed'}** ({stall['worker_peak_rss_mb']} MB "
+                  f"peak); ≥ 1,000 requests/s with 2 workers, p99 ≤ 20 ms, ≤ 250 MB: **"
+                  f"{'met' if two['requests_per_second'] >= 1000 and two['latency_ms']['p99'] <= 20 and two['rss_mb_total'] <= 250 else 'missed'}"
+                  f"** ({two['requests_per_second']:,.0f}/s, {ms(two['latency_ms']['p99'])}, {two['rss_mb_total']} MB); "
+                  f"≥ 500 requests/s with 1 worker: **{'met' if one['requests_per_second'] >= 500 else 'missed'}** "
+                  f"({one['requests_per_second']:,.0f}/s)."]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_block() -> str:
+    r = load("sweep_cluster")
+    if not r:
+        return ""
+    expected = ", ".join(f"{n} machine{'s' * (int(n) > 1)}: {secs(t)}" for n, t in r["expected_seconds_on_n_machines"].items())
+    return (f"The same {r['trials']} real-MNIST trials (`{' '.join('-S ' + g for g in r['grid'])}`) both ways on this "
+            f"2-core machine (`python benchmarks/bench_sweep.py`, `sweep_cluster.json`): "
+            f"`OMP_NUM_THREADS=1 dvc queue start -j 2` {secs(r['queue_seconds'])}, `mnist-sweep --cpus-per-trial 1` "
+            f"(the local default, 2 trials at a time) {secs(r['sweep_seconds'])}: **{r['sweep_vs_queue']}×** the "
+            f"queue's time (goal ≤ 1.2×: **{'met' if r['sweep_vs_queue'] <= 1.2 else 'missed'}**). Fixed costs: Ray's "
+            f"start {secs(r['ray_start_seconds'])}; a trial that trains nothing (clone, `dvc exp run` finding every "
+            f"stage up to date, `dvc push`, `dvc exp push`) {secs(r['fixed_seconds_per_trial'])}; a trial here took "
+            f"{secs(r['mean_trial_seconds'])} on average. Expected for this sweep on N such machines (2 trials each "
+            f"at a time): {expected}. GPU: {r['gpu']}.\n")
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if not body or start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + body + end + rest.split(end, 1)[1]
+
+
 def main() -> None:
     body = render()
-    (common.RESULTS / "results.md").write_text("# Benchmark results\n\n" + body)
+    (common.RESULTS / "results.md").write_text("# Benchmark results\n\n" + body + "\n" + serve() + "\n" + sweep_block())
     readme = common.ROOT / "README.md"
     text = readme.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        readme.write_text(head + START + "\n" + body + END + rest.split(END, 1)[1])
+    for name, block in (("headline", headline()), ("serve", serve()), ("sweep", sweep_block()), ("results", body)):
+        text = replace_block(text, name, block)
+    readme.write_text(text)
     print(body)
 
 

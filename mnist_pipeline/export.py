@@ -1,8 +1,9 @@
 """Export a model to ONNX and torch.export (.pt2), and measure each against PyTorch.
 
 The file format (names, input spec, metadata, loader) is `exported.py`'s. What is exported
-is `deployable(model, mean, std)`: the trained model behind its normalisation, so the file
-takes [0, 1] pixels. Parity is measured twice on what `exported.load_model` reads back:
+is `deployable(model, mean, std, temperature)`: the trained model behind its normalisation
+and before its validation-fitted temperature, so the file takes [0, 1] pixels and its softmax
+is calibrated. Parity is measured twice on what `exported.load_model` reads back:
 on the test images as tensors, and through the whole path `mnist-predict` and
 `mnist-serve` take (PNG bytes → `images.prepare` → `Model.probabilities`), against the
 PyTorch model on the same prepared digits. TorchScript is deprecated in torch 2.14 and is
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_pipeline.calibration import Temperature
 from mnist_pipeline.data import Standardise
 from mnist_pipeline.errors import ParityError
 from mnist_pipeline.exported import INPUT_NAME, OUTPUT_NAME, PT2_METADATA, Model
@@ -27,9 +29,10 @@ from mnist_pipeline.fileio import write_bytes
 from mnist_pipeline.images import prepare
 
 
-def deployable(model: nn.Module, mean: float, std: float) -> nn.Module:
-    """The model as exported: [0, 1] pixels in, logits out, the normalisation its first layer."""
-    return nn.Sequential(Standardise(mean, std), model).eval()
+def deployable(model: nn.Module, mean: float, std: float, temperature: float = 1.0) -> nn.Module:
+    """The model as exported: [0, 1] pixels in, calibrated logits out; the normalisation its first
+    layer, the temperature fitted on validation (`calibration`) its last."""
+    return nn.Sequential(Standardise(mean, std), model, Temperature(temperature)).eval()
 
 
 def _example() -> tuple[torch.Tensor, tuple[dict[int, Any]]]:

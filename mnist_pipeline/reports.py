@@ -149,3 +149,24 @@ def history_figure(history: pd.DataFrame) -> Figure:
 
 def plot_history(history: pd.DataFrame, path: Path) -> None:
     _save(history_figure(history), path)
+
+
+def plot_reliability(before: list[dict[str, float]], after: list[dict[str, float]], temperature: float,
+                     eces: tuple[float, float], path: Path) -> None:
+    """Accuracy against confidence per bin (`calibration.reliability`), before and after the temperature."""
+    fig = Figure(figsize=(6, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for rows, label, ece, style in ((before, "softmax as trained", eces[0], "o-"),
+                                    (after, f"÷ temperature {temperature:.3f}", eces[1], "s-")):
+        kept = [r for r in rows if r["count"]]
+        ax.plot([r["confidence"] for r in kept], [r["accuracy"] for r in kept], style, markersize=4,
+                label=f"{label} (ECE {ece:.2%})")
+    ax.set_xlabel("confidence (mean of the bin)")
+    ax.set_ylabel("accuracy in the bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Reliability (test): temperature fitted on validation")
+    fig.tight_layout()
+    _save(fig, path)

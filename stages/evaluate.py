@@ -1,10 +1,11 @@
 """evaluate stage: score the checkpoint on the test split.
 
 Params: evaluate (batch_size).
-Reads: CHECKPOINT, DATA_DIR/test.pt, HISTORY (training curves).
-Writes: --metrics (accuracy, loss, macro F1, per-class precision/recall/F1, errors, params),
---confusion ({actual, predicted} rows for DVC's confusion template) and three figures:
---confusion-png, --misclassified-png and --curves-png.
+Reads: CHECKPOINT, DATA_DIR/test.pt, DATA_DIR/val.pt (only to fit the temperature), HISTORY.
+Writes: --metrics (accuracy, loss, macro F1, per-class precision/recall/F1, errors, params, and
+`calibration`: the temperature fitted on val, test ECE and NLL before and after it), --confusion
+({actual, predicted} rows for DVC's confusion template) and four figures: --confusion-png,
+--misclassified-png, --curves-png and --reliability-png.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mnist_pipeline import processed, reports, stage
+from mnist_pipeline import calibration, processed, reports, stage
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.engine import predict_logits, select_device
 from mnist_pipeline.errors import DatasetError
@@ -24,7 +25,8 @@ from mnist_pipeline.models import count_parameters
 def configure(parser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data_dir", type=Path)
-    for option in ("history", "metrics", "confusion", "confusion-png", "misclassified-png", "curves-png"):
+    for option in ("history", "metrics", "confusion", "confusion-png", "misclassified-png", "curves-png",
+                   "reliability-png"):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
 
@@ -49,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     norm, classes = ckpt.normalisation, ckpt.classes
     logits = predict_logits(model, images, norm["mean"], norm["std"], params.evaluate.batch_size, device)
 
+    val_images, val_labels = processed.load_split(args.data_dir, "val")
+    val_logits = predict_logits(model, val_images, norm["mean"], norm["std"], params.evaluate.batch_size, device)
+    calibrated = calibration.report(val_logits, val_labels, logits, labels)
+
     metrics = reports.classification_metrics(logits, labels, classes, count_parameters(model))
+    metrics["calibration"] = calibrated
     write_json(args.metrics, metrics)
     predicted = logits.argmax(1)
     write_json(args.confusion, reports.confusion_rows(labels, predicted, classes))
@@ -57,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                            args.confusion_png)
     reports.plot_misclassified(images, labels, logits, classes, args.misclassified_png)
     reports.plot_history(history, args.curves_png)
+    t = calibrated["temperature"]
+    reports.plot_reliability(calibration.reliability(logits.double().softmax(1), labels),
+                             calibration.reliability((logits.double() / t).softmax(1), labels), t,
+                             (calibrated["ece_before"], calibrated["ece_after"]), args.reliability_png)
     print(f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors of {metrics['samples']}), "
-          f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f} → {args.metrics}")
+          f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}; temperature {t} (fitted on val): "
+          f"ECE {calibrated['ece_before']:.2%} → {calibrated['ece_after']:.2%} → {args.metrics}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Params: export (formats, opset, parity_samples).
 Reads: CHECKPOINT, DATA_DIR/test.pt (the first parity_samples images, as parity inputs only:
-nothing is selected on them), --eval (test accuracy for the card).
+nothing is selected on them), --eval (test accuracy for the card, and the temperature fitted on
+validation, which becomes the exported graph's last layer).
 Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2 (taking [0, 1] pixels: the normalisation
 is inside), --card (the model card: small and byte-stable, so it is kept in git while the models
 go to the DVC cache), and --metrics (per format: max absolute logit difference and top-1
@@ -32,24 +33,29 @@ def configure(parser) -> None:
     parser.add_argument("--card", type=Path, required=True)
 
 
-def test_accuracy(path: Path) -> float:
+def evaluated(path: Path) -> tuple[float, dict]:
+    """(test accuracy, calibration) from the evaluate stage's metrics."""
     try:
-        accuracy = json.loads(path.read_text())["accuracy"]
+        metrics = json.loads(path.read_text())
+        accuracy, calibrated = metrics["accuracy"], metrics["calibration"]
+        temperature = calibrated["temperature"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: no test accuracy in it ({type(exc).__name__}: {exc}); "
+        raise DatasetError(f"{path}: no test accuracy and calibration in it ({type(exc).__name__}: {exc}); "
                            "run `dvc repro evaluate`") from None
     if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
         raise DatasetError(f"{path}: accuracy {accuracy!r} is not a number between 0 and 1; run `dvc repro evaluate`")
-    return accuracy
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < 1e3:
+        raise DatasetError(f"{path}: temperature {temperature!r} is not a positive number; run `dvc repro evaluate`")
+    return accuracy, calibrated
 
 
 def main(argv: list[str] | None = None) -> int:
     args, params = stage.parse(__doc__, configure, argv)
-    accuracy = test_accuracy(args.eval)  # checked first: a bad file fails before seconds of export
+    accuracy, calibrated = evaluated(args.eval)  # checked first: a bad file fails before seconds of export
     ckpt = load_checkpoint(args.checkpoint)
     images, _ = processed.load_split(args.data_dir, "test")
     norm = ckpt.normalisation
-    model = export.deployable(ckpt.build(), norm["mean"], norm["std"])
+    model = export.deployable(ckpt.build(), norm["mean"], norm["std"], calibrated["temperature"])
     metadata = exported.metadata(ckpt.model, ckpt.classes, norm["mean"], norm["std"])
     sample = images[: params.export.parity_samples]
     x = to_unit(sample)
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "test_accuracy": accuracy,
         "classes": ckpt.classes,
         "normalisation": norm,
+        "calibration": calibrated,
         "input": exported.INPUT_SPEC,
         "training_params": ckpt.params,
         "training_data_sha256": ckpt.data,

@@ -36,7 +36,7 @@ def work(tmp_path_factory):
         model="mlp", model_kwargs={"hidden": [8], "dropout": 0.0}, state_dict=model.state_dict(),
         normalisation={"mean": 0.1, "std": 0.3}, classes=list("0123456789"), params={}, data={}, best={"epoch": 1}))
     (work / "history.csv").write_text("epoch,train_loss,val_loss,train_acc,val_acc,lr\n1,1.0,1.0,0.5,0.5,0.1\n")
-    (work / "eval.json").write_text(json.dumps({"accuracy": 0.5}))
+    (work / "eval.json").write_text(json.dumps({"accuracy": 0.5, "calibration": {"temperature": 1.5}}))
     return work, pins
 
 
@@ -61,7 +61,7 @@ def train_args(work: Path, data: Path) -> list[str]:
 def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str]:
     return [str(ckpt), str(data), f"--history={history}", *[f"--{o}={work / 'out' / o}"
                                                             for o in ("metrics", "confusion", "confusion-png",
-                                                                      "misclassified-png", "curves-png")]]
+                                                                      "misclassified-png", "curves-png", "reliability-png")]]
 
 
 def export_args(work: Path, ckpt: Path, data: Path, evaluation: Path) -> list[str]:
@@ -106,6 +106,9 @@ CASES = {
                               w / "data", w / "eval.json"), {}, "c3.pt: not a mnist-pipeline-checkpoint"),
     "export: eval.json not JSON": lambda w: (
         "export", export_args(w, w / "model.pt", w / "data", bad(w, "e1.json", b"{")), {}, "e1.json: no test accuracy"),
+    "export: eval.json with a bad temperature": lambda w: (
+        "export", export_args(w, w / "model.pt", w / "data", bad(w, "e3.json", json.dumps(
+            {"accuracy": 0.5, "calibration": {"temperature": -1}}).encode())), {}, "temperature -1 is not a positive"),
     "export: eval.json without accuracy": lambda w: (
         "export", export_args(w, w / "model.pt", w / "data", bad(w, "e2.json", b'{"loss": 1}')), {},
         "e2.json: no test accuracy"),
@@ -135,7 +138,7 @@ def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
                    *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
                      "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png",
-                                                       "misclassified-png", "curves-png")],
+                                                       "misclassified-png", "curves-png", "reliability-png")],
                      "export": ["--eval=x", "--metrics=x", "--card=x"]}.get(name, []), params=params)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: mlp.train.lr = 'fast' is invalid: expected a finite number"
