@@ -112,7 +112,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode:
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        error = next((line for line in reversed(lines) if line.startswith(("error:", "ERROR:"))), None)
+        # A stage's own one-line "error: …" says why; DVC's "ERROR: failed to reproduce" only where.
+        error = next((line for line in reversed(lines) if line.startswith("error:")), None) or \
+            next((line for line in reversed(lines) if line.startswith("ERROR:")), None)
         raise RuntimeError(f"{' '.join(args[:3])} failed: {error or (lines[-1] if lines else result.returncode)}")
     return result.stdout
 

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import yaml
 from PIL import Image
 
 from helpers import BIN, DVC, ROOT, git_repo_env, run, synthetic_digits, write_mirror
-from test_pipeline_e2e import TINY, merge
+from helpers import merge
+from test_pipeline_e2e import TINY
 
 SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
 GTO = shutil.which("gto", path=str(BIN))

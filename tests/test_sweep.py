@@ -139,6 +139,19 @@ def test_optuna_search_records_its_objective_per_trial(team, cluster, tmp_path):
     assert all(isinstance(t["metrics/train.json:val_acc"], float) for t in trials)
 
 
+def test_a_failing_trial_is_its_one_line_and_the_others_go_on(team, cluster, tmp_path):
+    work, repo, env = team
+    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.05,1e30", "-S", "seed=21", "--max-failures", "0",
+                   "--out", str(tmp_path))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    failed = [t for t in summary["trials"] if t["status"] == "failed"]
+    assert summary["ran"] == 1 and len(failed) == 1 and failed[0]["config"] == {"mlp.train.lr": 1e30}
+    assert "training diverged" in failed[0]["error"] and "\n" not in failed[0]["error"], failed[0]["error"]
+    assert "1 trials: " not in result.stdout and "2 trials: 1 ran, 0 already on the origin, 1 failed" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
 def test_a_node_killed_mid_sweep_still_leaves_every_trial_pushed(team, tmp_path):
     work, repo, env = team
     cluster = start_cluster(env, tmp_path / "ray-logs")
