@@ -70,19 +70,26 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> 
     return rows
 
 
+def ece(rows: list[dict[str, float]]) -> float:
+    """Σ over `reliability` bins of (bin share) × |accuracy − mean confidence|."""
+    total = sum(r["count"] for r in rows)
+    return sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows)
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> float:
-    """Σ over bins of (bin share) × |accuracy − mean confidence|."""
-    total = len(labels)
-    return sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, bins))
+    return ece(reliability(probs, labels, bins))
+
+
+Rows = list[dict[str, float]]
 
 
 def report(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor,
-           test_labels: torch.Tensor) -> dict[str, float]:
-    """The temperature fitted on val, and test ECE and NLL before and after it."""
+           test_labels: torch.Tensor) -> tuple[dict[str, float], Rows, Rows]:
+    """The temperature fitted on val, test ECE and NLL before and after it, and the test reliability
+    rows before and after (for the diagram)."""
     t = fit_temperature(val_logits, val_labels)
-    before, after = test_logits.double().softmax(1), (test_logits.double() / t).softmax(1)
-    return {"temperature": t, "bins": BINS,
-            "ece_before": round(expected_calibration_error(before, test_labels), 6),
-            "ece_after": round(expected_calibration_error(after, test_labels), 6),
+    before = reliability(test_logits.double().softmax(1), test_labels)
+    after = reliability((test_logits.double() / t).softmax(1), test_labels)
+    return {"temperature": t, "bins": BINS, "ece_before": round(ece(before), 6), "ece_after": round(ece(after), 6),
             "nll_before": round(nll(test_logits, test_labels), 6),
-            "nll_after": round(nll(test_logits, test_labels, t), 6)}
+            "nll_after": round(nll(test_logits, test_labels, t), 6)}, before, after

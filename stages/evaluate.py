@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     val_images, val_labels = processed.load_split(args.data_dir, "val")
     val_logits = predict_logits(model, val_images, norm["mean"], norm["std"], params.evaluate.batch_size, device)
-    calibrated = calibration.report(val_logits, val_labels, logits, labels)
+    calibrated, reliable_before, reliable_after = calibration.report(val_logits, val_labels, logits, labels)
 
     metrics = reports.classification_metrics(logits, labels, classes, count_parameters(model))
     metrics["calibration"] = calibrated
@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     reports.plot_misclassified(images, labels, logits, classes, args.misclassified_png)
     reports.plot_history(history, args.curves_png)
     t = calibrated["temperature"]
-    reports.plot_reliability(calibration.reliability(logits.double().softmax(1), labels),
-                             calibration.reliability((logits.double() / t).softmax(1), labels), t,
-                             (calibrated["ece_before"], calibrated["ece_after"]), args.reliability_png)
+    reports.plot_reliability(reliable_before, reliable_after, t, (calibrated["ece_before"], calibrated["ece_after"]),
+                             args.reliability_png)
     print(f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors of {metrics['samples']}), "
           f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}; temperature {t} (fitted on val): "
           f"ECE {calibrated['ece_before']:.2%} → {calibrated['ece_after']:.2%} → {args.metrics}")

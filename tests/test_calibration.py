@@ -24,7 +24,7 @@ def test_the_fitted_temperature_undoes_a_mis_scaling(scale):
     t = calibration.fit_temperature(logits * scale, labels)
     assert t == pytest.approx(scale, rel=0.05)
     test_logits, test_labels = calibrated_data(seed=1)
-    report = calibration.report(logits * scale, labels, test_logits * scale, test_labels)
+    report, _, _ = calibration.report(logits * scale, labels, test_logits * scale, test_labels)
     # Fitted on one sample and scored on another: an already calibrated model may lose a hair of NLL.
     assert report["ece_after"] < 0.015 and report["nll_after"] <= report["nll_before"] + (1e-3 if scale == 1 else 0)
     if scale != 1.0:  # an uncalibrated model is caught: its ECE is far over the calibrated one's
