@@ -140,7 +140,6 @@ def _metric(text: str, key: str) -> float:
 def run_trial(config: dict[str, Any], *, origin: str, rev: str, fixed: list[str], objective: str,
               cpus: int, cache_remote: str | None) -> None:
     """Ray Tune's trainable: one DVC experiment, reported back as {objective, node, seconds, …}."""
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV files of Tune's own
     import ray
     from ray import tune
 
@@ -213,9 +212,10 @@ def check_params(repo: Path, rev: str, fixed: dict[str, Any], swept: dict[str, A
 def locate(repo: Path, origin: str | None, rev: str, cluster: bool) -> tuple[str, str, str | None]:
     """(origin URL, full revision, cache remote for the local default): or SweepError."""
     full = _git(repo, "rev-parse", "--verify", f"{rev}^{{commit}}")
+    default = subprocess.run([_tool("dvc"), "remote", "default"], cwd=repo, capture_output=True, text=True)
+    has_remote = default.returncode == 0 and bool(default.stdout.strip())
     if not cluster and origin is None:
-        remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=repo, capture_output=True, text=True)
-        if remote.returncode == 0 and remote.stdout.strip():
+        if has_remote:
             return str(repo), full, None
         cache = subprocess.run([_tool("dvc"), "cache", "dir"], cwd=repo, capture_output=True, text=True)
         return str(repo), full, cache.stdout.strip() or str(repo / ".dvc" / "cache")
@@ -232,8 +232,7 @@ def locate(repo: Path, origin: str | None, rev: str, cluster: bool) -> tuple[str
     if not any(subprocess.run(["git", "merge-base", "--is-ancestor", full, tip], cwd=repo,
                               capture_output=True).returncode == 0 for tip in tips):
         raise SweepError(f"revision {full[:7]} is not on origin {origin}: push it first (git push origin HEAD)")
-    remote = subprocess.run([_tool("dvc"), "remote", "default"], cwd=repo, capture_output=True, text=True)
-    if remote.returncode or not remote.stdout.strip():
+    if not has_remote:
         raise SweepError("no default DVC remote: trials push their outputs there "
                          "(dvc remote add -d NAME URL, committed; credentials in each node's config or environment)")
     return origin, full, None
