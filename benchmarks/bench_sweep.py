@@ -28,33 +28,17 @@ from pathlib import Path
 
 import common
 
-DVC = shutil.which("dvc") or "dvc"
 SWEEP = shutil.which("mnist-sweep") or "mnist-sweep"
 GRID = ["mlp.train.epochs=6", "mlp.train.lr=0.05,0.1", "mlp.train.batch_size=128,256", "seed=1,2"]
 TRIALS = 8
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return result.stdout
-
-
-def clone(tmp: Path, name: str) -> Path:
-    repo = tmp / name
-    run(["git", "clone", "-q", str(common.ROOT), str(repo)], tmp)
-    run([DVC, "config", "--local", "cache.dir", str(common.ROOT / ".dvc" / "cache")], repo)
-    run([DVC, "checkout", "-q"], repo)
-    return repo
-
-
 def queue(repo: Path, env: dict[str, str]) -> float:
-    run([DVC, "exp", "run", "--queue", *[a for o in GRID for a in ("-S", o)]], repo, env)
+    common.run([common.DVC, "exp", "run", "--queue", *[a for o in GRID for a in ("-S", o)]], repo, env)
     start = time.perf_counter()
-    run([DVC, "queue", "start", "-j", "2"], repo, {**env, "OMP_NUM_THREADS": "1"})
+    common.run([common.DVC, "queue", "start", "-j", "2"], repo, {**env, "OMP_NUM_THREADS": "1"})
     while True:
-        status = run([DVC, "queue", "status"], repo, env)
+        status = common.run([common.DVC, "queue", "status"], repo, env)
         if not any(word in status for word in ("Queued", "Running")):
             break
         time.sleep(2)
@@ -90,9 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print(f"dvc queue, -j 2 × 1 thread, {TRIALS} trials: {' '.join(GRID)}", flush=True)
-        queue_seconds = queue(clone(tmp, "queue"), {**env, "PYTHONPATH": str(tmp / "queue")})
+        queue_seconds = queue(common.clone(tmp, "queue"), {**env, "PYTHONPATH": str(tmp / "queue")})
         print(f"  {queue_seconds:.1f} s", flush=True)
-        repo = clone(tmp, "sweep")
+        repo = common.clone(tmp, "sweep")
         print("mnist-sweep, 2 trials × 1 CPU, the same trials:", flush=True)
         sweep_seconds, ray_start, summary = sweep(repo, env, GRID, tmp / "out")
         if summary["ran"] != TRIALS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from mnist_pipeline.fileio import write_json
 from mnist_pipeline.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+DVC = shutil.which("dvc") or "dvc"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -135,3 +137,20 @@ def save(name: str, results: dict[str, object]) -> Path:
     write_json(path, {"benchmark": name, **code, "machine": machine(), **results})
     print(f"→ {path.relative_to(ROOT)}")
     return path
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """A command's stdout; the benchmark ends with its output when it fails."""
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def clone(folder: Path, name: str) -> Path:
+    """A clone of this repository at HEAD in folder/name, sharing this workspace's DVC cache, its outputs checked out."""
+    repo = folder / name
+    run(["git", "clone", "-q", str(ROOT), str(repo)], folder)
+    run([DVC, "config", "--local", "cache.dir", str(ROOT / ".dvc" / "cache")], repo)
+    run([DVC, "checkout", "-q"], repo)
+    return repo

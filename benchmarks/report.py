@@ -31,7 +31,7 @@ def secs(x: float | None) -> str:
 
 
 # The script behind each results file, where it is not bench_<name>.py.
-SCRIPTS = {"sweep": "benchmarks/seed_sweep.py", "fashion_mnist": "tests/test_real_data.py"}
+SCRIPTS = {"sweep": "benchmarks/seed_sweep.py"}
 
 
 def script_of(name: str) -> str:
