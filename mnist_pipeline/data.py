@@ -86,11 +86,29 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = N
         yield order[start : start + batch_size]
 
 
+def elastic_field(n: int, h: int, w: int, alpha: float, sigma: float, generator: torch.Generator,
+                  like: torch.Tensor) -> torch.Tensor:
+    """Random smooth displacements N×H×W×2 in grid_sample's normalised units (Simard et al. 2003):
+    uniform noise in [-1, 1] per pixel and axis, blurred by a Gaussian of σ = `sigma` pixels, times
+    `alpha` pixels. One separable blur for the whole batch."""
+    noise = torch.rand(n, 2, h, w, generator=generator).mul_(2).sub_(1).to(like.device, like.dtype)
+    radius = math.ceil(3 * sigma)
+    taps = torch.arange(-radius, radius + 1, device=like.device, dtype=like.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    noise = F.conv2d(noise, kernel.view(1, 1, 1, -1).expand(2, 1, 1, -1), padding=(0, radius), groups=2)
+    noise = F.conv2d(noise, kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1), padding=(radius, 0), groups=2)
+    to_grid = torch.tensor([2 * alpha / w, 2 * alpha / h], device=like.device, dtype=like.dtype)
+    return noise.permute(0, 2, 3, 1) * to_grid
+
+
 def random_affine(
-    x: torch.Tensor, rotate: float, scale: float, shift: float, generator: torch.Generator
+    x: torch.Tensor, rotate: float, scale: float, shift: float, generator: torch.Generator,
+    elastic: float = 0.0, elastic_sigma: float = 4.0,
 ) -> torch.Tensor:
     """Warp a batch N×C×H×W of [0, 1] images (background 0) with one random rotation
-    (±degrees), zoom (±fraction) and shift (±pixels) per image, in one grid_sample call."""
+    (±degrees), zoom (±fraction) and shift (±pixels) per image, plus an elastic distortion of
+    strength `elastic` pixels when it is above 0, in one grid_sample call."""
     n, _, h, w = x.shape
     draws = torch.rand(n, 4, generator=generator).mul_(2).sub_(1).to(x.device)  # uniform in [-1, 1)
     angle = draws[:, 0] * (rotate * math.pi / 180)
@@ -106,4 +124,6 @@ def random_affine(
     ys = ((torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1)[:, None]
     cos, sin, tx, ty = (v.to(x.dtype)[:, None, None] for v in (cos, sin, tx, ty))
     grid = torch.stack([cos * xs - sin * ys + tx, sin * xs + cos * ys + ty], dim=-1)
+    if elastic > 0:  # drawn after the affine parameters, so a run without it draws the same numbers as before
+        grid = grid + elastic_field(n, h, w, elastic, elastic_sigma, generator, x)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")

@@ -105,6 +105,27 @@ class BestEpoch:
         return {"epoch": self.epoch, "val_acc": self.val_acc, "val_loss": self.val_loss}
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Soft targets from a trained teacher (Hinton et al. 2015). The training loss becomes
+    (1 − weight)·CE(labels) + weight·T²·KL(teacher ‖ student), both softened by temperature T;
+    the teacher sees the same augmented batch as the student."""
+
+    teacher: nn.Module
+    weight: float
+    temperature: float
+
+    def loss(self, hard: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.eval()
+        if uses_channels_last(self.teacher):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(x).float() / self.temperature, dim=1)
+        soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
+                        reduction="batchmean") * self.temperature**2
+        return (1 - self.weight) * hard + self.weight * soft
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     # Decay only weight matrices and kernels; decaying BatchNorm scales and biases hurts small nets.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -166,8 +187,9 @@ class Trainer:
         std: float,
         seed: int,
         device: torch.device,
+        distill: Distillation | None = None,
     ):
-        self.tp, self.mean, self.std, self.device = tp, mean, std, device
+        self.tp, self.mean, self.std, self.device, self.distill = tp, mean, std, device, distill
         self.channels_last = uses_channels_last(model)
         self.model = model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
         self.train_x, self.train_y = (t.to(device) for t in train)
@@ -241,11 +263,13 @@ class Trainer:
             idx = idx.to(self.device)
             x = to_unit(self.train_x[idx])
             if aug.enabled:
-                x = random_affine(x, aug.rotate, aug.scale, aug.shift, self.generator)
+                x = random_affine(x, aug.rotate, aug.scale, aug.shift, self.generator, aug.elastic, aug.elastic_sigma)
             x = _prepare(x, self.mean, self.std, self.channels_last)
             y = self.train_y[idx]
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=tp.label_smoothing)
+            if self.distill is not None:
+                loss = self.distill.loss(loss, logits, x)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

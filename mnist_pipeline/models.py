@@ -19,17 +19,44 @@ the textbook order's 99.36 % / 99.46 % (benchmarks/results/pool.json; one seed).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Test-time views (`views:` in a model's section): the image itself, then one-pixel shifts.
+# Their logits are averaged in eval mode only, so training is unchanged and evaluate, export
+# (the views are part of the exported graph), mnist-predict and mnist-serve all see the average.
+VIEW_OFFSETS: dict[int, tuple[tuple[int, int], ...]] = {
+    1: ((0, 0),),
+    5: ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0)),
+    9: tuple((dy, dx) for dy in (0, 1, -1) for dx in (0, 1, -1)),
+}
+
+
+def average_views(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: int) -> torch.Tensor:
+    """Mean logits of `net` over the image and its shifts by one pixel (N×C×H×W in, N×10 out).
+
+    The input is already standardised, so the edge is replicated rather than zero-padded:
+    zero is not background there. All views go through `net` as one batch.
+    """
+    offsets = VIEW_OFFSETS[views]
+    if len(offsets) == 1:
+        return net(x)
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    batch = torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets])
+    return net(batch).unflatten(0, (len(offsets), -1)).mean(0)
 
 
 class MLP(nn.Module):
     """Flatten → (Linear → BatchNorm → ReLU → Dropout) per hidden width → Linear."""
 
-    def __init__(self, hidden: Sequence[int], dropout: float, in_features: int = 784, num_classes: int = 10):
+    def __init__(self, hidden: Sequence[int], dropout: float, views: int = 1, in_features: int = 784,
+                 num_classes: int = 10):
         super().__init__()
+        self.views = views
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
@@ -41,14 +68,16 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x) if self.training else average_views(self.net, x, self.views)
 
 
 class CNN(nn.Module):
     """Stages of conv3×3-BN-ReLU (2×2 max-pool between stages) → global average pool → Linear."""
 
-    def __init__(self, channels: Sequence[Sequence[int]], dropout: float, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, channels: Sequence[Sequence[int]], dropout: float, views: int = 1, in_channels: int = 1,
+                 num_classes: int = 10):
         super().__init__()
+        self.views = views
         layers: list[nn.Module] = []
         width = in_channels
         for i, stage in enumerate(channels):
@@ -66,8 +95,11 @@ class CNN(nn.Module):
         head.append(nn.Linear(width, num_classes))
         self.head = nn.Sequential(*head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._logits(x) if self.training else average_views(self._logits, x, self.views)
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}

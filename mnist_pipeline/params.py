@@ -47,6 +47,8 @@ class AugmentParams(Section):
     rotate: Float = Field(ge=0.0, le=180.0)
     scale: Probability
     shift: Float = Field(ge=0.0, le=14.0)
+    elastic: Float = Field(ge=0.0, le=100.0)
+    elastic_sigma: Float = Field(gt=0.0, le=10.0)
 
 
 class EarlyStoppingParams(Section):
@@ -76,12 +78,14 @@ class TrainParams(Section):
 class MLPParams(Section):
     hidden: tuple[Width, ...] = Field(min_length=1)
     dropout: Probability
+    views: Literal[1, 5, 9]
     train: TrainParams  # the MLP's own training recipe
 
 
 class CNNParams(Section):
     channels: tuple[Annotated[tuple[Width, ...], Field(min_length=1)], ...] = Field(min_length=1)
     dropout: Probability
+    views: Literal[1, 5, 9]
     train: TrainParams  # the CNN's own training recipe
 
 
@@ -162,7 +166,8 @@ def _expected(error: dict[str, Any]) -> str:
         name, symbol = _BOUNDS[kind]
         return f"a value {symbol} {ctx[name]}"
     if kind == "literal_error":
-        return "one of " + ", ".join(re.findall(r"'([^']*)'", ctx["expected"]))
+        choices = re.findall(r"'([^']*)'", ctx["expected"]) or re.findall(r"-?\d+", ctx["expected"])
+        return "one of " + ", ".join(choices)
     if kind == "too_short":
         return f"a list of at least {ctx['min_length']} item(s)"
     return _EXPECTED.get(kind, error["msg"])

@@ -55,6 +55,8 @@ def test_defaults_are_valid_and_round_trip():
         ("data.val_size", 60000, ["data.val_size", "60000", "fewer than the 60000"]),
         ("export.formats", ["onnx", "torchscript"], ["export.formats", "onnx, pt2"]),
         ("mlp.train.early_stopping", 3, ["mlp.train.early_stopping", "mapping"]),
+        ("cnn.views", 3, ["cnn.views = 3", "one of 1, 5, 9"]),
+        ("mlp.train.augment.elastic_sigma", 0.0, ["mlp.train.augment.elastic_sigma", "> 0"]),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(path, value, fragments):
@@ -82,7 +84,7 @@ def test_each_model_trains_with_its_own_recipe():
     assert mlp.model == "mlp" and mlp.train.lr == DEFAULTS["mlp"]["train"]["lr"]
     cnn = parse_params(with_change("model", "cnn", with_change("cnn.train.lr", 0.3)))
     assert cnn.train.lr == 0.3
-    assert "train" not in cnn.model_kwargs() and set(cnn.model_kwargs()) == {"channels", "dropout"}
+    assert "train" not in cnn.model_kwargs() and set(cnn.model_kwargs()) == {"channels", "dropout", "views"}
     assert cnn.with_train(epochs=3).cnn.train.epochs == 3 and cnn.with_train(epochs=3).mlp == cnn.mlp
 
 
