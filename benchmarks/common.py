@@ -14,6 +14,7 @@ prose excepted), `save` refuses, unless MNIST_BENCH_ALLOW_DIRTY=1, and then the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -129,6 +130,12 @@ def traced(started: dict[str, object], now: dict[str, object], allow_dirty: bool
         raise SystemExit(f"not recording: the working tree {what} (git status), so no commit names the code "
                          f"that ran. Commit, then measure; or set {ALLOW_DIRTY_ENV}=1 to record it marked dirty.")
     return {**now, "dirty": True, "diff_sha256": now.get("diff_sha256", started.get("diff_sha256"))}
+
+
+def load(name: str) -> dict | None:
+    """A results file's contents, or None when there is none yet."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def save(name: str, results: dict[str, object]) -> Path:
