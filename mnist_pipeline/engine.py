@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -107,20 +107,17 @@ class BestEpoch:
 
 @dataclass(frozen=True)
 class Distillation:
-    """Soft targets from a trained teacher (Hinton et al. 2015). The training loss becomes
-    (1 − weight)·CE(labels) + weight·T²·KL(teacher ‖ student), both softened by temperature T;
-    the teacher sees the same augmented batch as the student."""
+    """Soft targets from a trained teacher (Hinton et al. 2015): its logits for every training
+    image, computed once before training (the un-augmented train split, in its order), so the
+    teacher costs one inference pass. The loss becomes (1 − weight)·CE(labels) +
+    weight·T²·KL(teacher ‖ student), both softened by the temperature T."""
 
-    teacher: nn.Module
+    logits: torch.Tensor
     weight: float
     temperature: float
 
-    def loss(self, hard: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        self.teacher.eval()
-        if uses_channels_last(self.teacher):
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            target = F.log_softmax(self.teacher(x).float() / self.temperature, dim=1)
+    def loss(self, hard: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        target = F.log_softmax(self.logits[idx] / self.temperature, dim=1)
         soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
                         reduction="batchmean") * self.temperature**2
         return (1 - self.weight) * hard + self.weight * soft
@@ -189,7 +186,8 @@ class Trainer:
         device: torch.device,
         distill: Distillation | None = None,
     ):
-        self.tp, self.mean, self.std, self.device, self.distill = tp, mean, std, device, distill
+        self.tp, self.mean, self.std, self.device = tp, mean, std, device
+        self.distill = None if distill is None else replace(distill, logits=distill.logits.to(device))
         self.channels_last = uses_channels_last(model)
         self.model = model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
         self.train_x, self.train_y = (t.to(device) for t in train)
@@ -269,7 +267,7 @@ class Trainer:
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=tp.label_smoothing)
             if self.distill is not None:
-                loss = self.distill.loss(loss, logits, x)
+                loss = self.distill.loss(loss, logits, idx)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
