@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mnist_pipeline.data import batch_indices, random_affine, standardise, to_unit
 from mnist_pipeline.errors import DeviceError, TrainingDiverged
+from mnist_pipeline.models import single_view
 from mnist_pipeline.params import TrainParams
 
 DEVICE_ENV = "MNIST_DEVICE"
@@ -295,7 +296,10 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
-        logits = predict_logits(self.eval_model, self.val_x, self.mean, self.std, 1000, self.device)
+        # The epoch is judged on one view: test-time views (`<model>.views`) cost only at inference,
+        # not in every epoch of training (nine views would make a CNN epoch's validation 9× longer).
+        with single_view(self.eval_model):
+            logits = predict_logits(self.eval_model, self.val_x, self.mean, self.std, 1000, self.device)
         labels = self.val_y.cpu()
         loss = float(F.cross_entropy(logits, labels))
         return loss, float((logits.argmax(1) == labels).double().mean())

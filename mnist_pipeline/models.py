@@ -19,7 +19,8 @@ the textbook order's 99.36 % / 99.46 % (benchmarks/results/pool.json; one seed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,19 @@ def average_views(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     batch = torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets])
     return net(batch).unflatten(0, (len(offsets), -1)).mean(0)
+
+
+@contextmanager
+def single_view(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` scoring one view for the duration (training's per-epoch validation)."""
+    if not hasattr(model, "views"):
+        yield model
+        return
+    views, model.views = model.views, 1
+    try:
+        yield model
+    finally:
+        model.views = views
 
 
 class MLP(nn.Module):

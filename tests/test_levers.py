@@ -38,6 +38,18 @@ def test_views_average_the_logits_of_one_pixel_shifts_in_eval_mode_only():
     torch.testing.assert_close(model(x), model.net(x))  # training sees each image once
 
 
+def test_training_validates_on_one_view_and_keeps_the_views(params):
+    seed_everything(0)
+    model = MLP([32], 0.0, views=9)
+    x, y = digits(200)
+    trainer = Trainer(model, (x, y), digits(100, 5), params.train, 0.2, 0.3, 0, CPU)
+    loss, _ = trainer.validate()
+    vx, vy = digits(100, 5)
+    single = F.cross_entropy(predict_logits(model.net, vx, 0.2, 0.3, 100, CPU), vy)
+    assert abs(loss - float(single)) < 1e-6
+    assert model.views == 9
+
+
 def test_exported_graph_carries_the_views(tmp_path):
     torch.manual_seed(0)
     single = CNN([[4], [8]], 0.0)
