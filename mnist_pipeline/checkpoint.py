@@ -69,6 +69,16 @@ def _load(path: Path, what: str) -> Any:
         ) from None
 
 
+def load_teacher_logits(path: Path, images: int) -> torch.Tensor:
+    """The teacher stage's soft targets: float logits, one row of 10 per training image."""
+    logits = _load(path, "teacher logits file")
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or tuple(logits.shape) != (images, 10):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CheckpointError(f"{path}: expected the teacher's logits for the {images} training images "
+                              f"({images}×10 floats), found {shape}; run `dvc repro teacher`")
+    return logits
+
+
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     write_torch(path, checkpoint.to_dict())
 

@@ -56,6 +56,13 @@ class EarlyStoppingParams(Section):
     min_delta: Float = Field(ge=0.0)
 
 
+class DistillParams(Section):
+    # The teachers: "none", or a model section whose model and recipe the teacher stage trains.
+    teacher: Literal["none", "cnn"]
+    weight: Float = Field(ge=0.0, le=1.0)
+    temperature: Float = Field(gt=0.0, le=100.0)
+
+
 class TrainParams(Section):
     epochs: Int = Field(ge=1)
     batch_size: Int = Field(ge=1)
@@ -73,6 +80,7 @@ class TrainParams(Section):
     ema: Probability
     augment: AugmentParams
     early_stopping: EarlyStoppingParams
+    distill: DistillParams
 
 
 class MLPParams(Section):
@@ -120,6 +128,19 @@ class Params(Section):
         """The selected model's training recipe (`mlp.train` or `cnn.train`): each model is
         trained with its own, so `dvc exp run -S model=cnn` uses the CNN's."""
         return self.model_params.train
+
+    @property
+    def teacher(self) -> str:
+        """The selected model's teacher (`<model>.train.distill.teacher`): "none", or the section
+        (`cnn`) whose model and recipe the teacher stage trains for it."""
+        return self.train.distill.teacher
+
+    @property
+    def teacher_params(self) -> Params:
+        """These params with the teacher's section selected: `model` is the teacher, `train` its recipe."""
+        if self.teacher == "none":
+            raise ValueError(f"{self.model}.train.distill.teacher is none: there is no teacher")
+        return self.model_copy(update={"model": self.teacher})
 
     def with_train(self, **changes: Any) -> Params:
         """A copy whose selected model's recipe has `changes` (tests, benchmarks)."""

@@ -2,7 +2,8 @@
 
 Params: seed, dataset, model, the selected model's section (mlp or cnn: its architecture and
 its training recipe, `<model>.train`), data.
-Reads: DATA_DIR/{train,val}.pt and DATA_DIR/stats.json.
+Reads: DATA_DIR/{train,val}.pt, DATA_DIR/stats.json and --teacher (the teacher stage's logits for
+the train split; used when the selected model's train.distill.teacher is not none).
 Writes: --checkpoint (self-describing, best on val), --metrics (best epoch, val scores),
 --history (per-epoch CSV for `dvc plots`), --timing (wall-clock figures, kept apart so the
 other outputs stay byte-identical), --live (DVCLive per-epoch logs).
@@ -20,15 +21,16 @@ import pandas as pd
 from dvclive import Live
 
 from mnist_pipeline import models, processed, stage
-from mnist_pipeline.checkpoint import Checkpoint, ResumeStore, data_hashes, fingerprint, save_checkpoint
-from mnist_pipeline.engine import EpochStats, Trainer, seed_everything, select_device
+from mnist_pipeline.checkpoint import (Checkpoint, ResumeStore, data_hashes, fingerprint, load_teacher_logits,
+                                      save_checkpoint)
+from mnist_pipeline.engine import Distillation, EpochStats, Trainer, seed_everything, select_device
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import atomic_path, write_json
 
 
 def configure(parser) -> None:
     parser.add_argument("data_dir", type=Path)
-    for option in ("checkpoint", "metrics", "history", "timing", "live", "state-dir"):
+    for option in ("teacher", "checkpoint", "metrics", "history", "timing", "live", "state-dir"):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
 
@@ -46,14 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device()
     train, val = processed.load_split(args.data_dir, "train"), processed.load_split(args.data_dir, "val")
     stats = processed.load_stats(args.data_dir)
-    hashes = data_hashes({s: processed.split_path(args.data_dir, s) for s in ("train", "val")})
+    hashes = data_hashes({**{s: processed.split_path(args.data_dir, s) for s in ("train", "val")},
+                          "teacher": args.teacher})
     run_params = {"seed": params.seed, "dataset": params.dataset, "model": params.model,
                   params.model: params.section(params.model), "data": params.section("data")}
     model = models.build_model(params.model, **params.model_kwargs())
-    trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device)
+    distill = None
+    if params.teacher != "none":
+        d = params.train.distill
+        distill = Distillation(load_teacher_logits(args.teacher, len(train[0])), d.weight, d.temperature)
+    trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device, distill)
     num_params = models.count_parameters(model)
     print(f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images, "
-          f"device {device}")
+          f"device {device}" + ("" if distill is None else f", distilled from the {params.teacher} teacher"))
 
     store = ResumeStore(args.state_dir, fingerprint(run_params, hashes, stage.package_modules() + [Path(__file__)]))
     try:

@@ -19,6 +19,8 @@ from mnist_pipeline import processed
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 SELECTED_MODEL = "${model}"  # dvc.yaml's entry for the section of whichever model params.yaml selects
+# Narrower reads: the selected model's teacher choice alone, and the teacher's section (`cnn`, the one teacher).
+NARROW = {"teacher": SELECTED_MODEL + ".train.distill.teacher", "teacher_params": "cnn"}
 
 IMPORTED = """
 import importlib.util, json, sys
@@ -42,11 +44,14 @@ def params_read(script: Path) -> set[str]:
     keys = set()
     for node in ast.walk(ast.parse(script.read_text())):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
-            keys.add(SELECTED_MODEL if node.attr in ("model_kwargs", "model_params", "train") else node.attr)
+            keys.add(SELECTED_MODEL if node.attr in ("model_kwargs", "model_params", "train")
+                     else NARROW.get(node.attr, node.attr))
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section" \
                 and isinstance(node.func.value, ast.Name) and node.func.value.id == "params":
             arg = node.args[0]
             keys.add(arg.value if isinstance(arg, ast.Constant) else SELECTED_MODEL)
+    if SELECTED_MODEL in keys:  # the whole section covers its parts
+        keys = {k for k in keys if not k.startswith(SELECTED_MODEL + ".")}
     return keys - {"section"}
 
 
@@ -70,6 +75,11 @@ def test_stage_params_are_exactly_the_keys_it_reads(name):
 def test_training_does_not_depend_on_the_unused_models_section():
     declared = set(STAGES["train"]["params"])
     assert SELECTED_MODEL in declared and not declared & {"mlp", "cnn", "train"}
+
+
+def test_the_teacher_does_not_depend_on_its_students_recipe():
+    declared = {p.split("#")[0].strip() for p in STAGES["teacher"]["params"]}
+    assert SELECTED_MODEL not in declared and "mlp" not in declared
 
 
 def test_download_does_not_import_torch():

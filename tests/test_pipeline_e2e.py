@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is n
 ACCURACY_FLOOR = 0.5
 TINY = {
     "data": {"val_size": 100},
-    "mlp": {"hidden": [32], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
+    "mlp": {"hidden": [32], "dropout": 0.0,
+            "train": {"epochs": 2, "batch_size": 64, "ema": 0.0, "distill": {"teacher": "none"}}},
     "cnn": {"channels": [[4], [8]], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
     "evaluate": {"batch_size": 100},
     "export": {"parity_samples": 50},
@@ -49,7 +50,7 @@ def project(baseline, tmp_path):
 def test_repro_then_noop(baseline, project):
     repo, env = project
     result = baseline[2]  # the first `dvc repro`, on an empty cache
-    for stage in ("download", "preprocess", "train", "evaluate", "export"):
+    for stage in ("download", "preprocess", "teacher", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in result
     stats = json.loads((repo / "data/processed/stats.json").read_text())
     assert stats["counts"] == {"train": 500, "val": 100, "test": 200}
@@ -148,13 +149,37 @@ def test_editing_the_unused_models_section_reruns_nothing(project):
     assert params["model"] == "mlp"
     params["cnn"]["dropout"] = 0.25
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "up to date" in run([DVC, "status"], repo, env).stdout
+    # The cnn section is the teacher stage's recipe; with no teacher chosen, that stage finds nothing
+    # to train, writes the same empty file, and nothing after it runs.
+    assert set(json.loads(run([DVC, "status", "--json"], repo, env).stdout)) == {"teacher"}
+    rerun = run([DVC, "repro"], repo, env).stdout
+    assert "Running stage 'teacher'" in rerun and "Running stage 'train'" not in rerun
     params["mlp"]["dropout"] = 0.25
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(run([DVC, "status", "--json"], repo, env).stdout)
     assert set(status) == {"train"}, status  # evaluate and export follow once train's outputs change
     run(["git", "checkout", "-q", "--", "params.yaml"], repo, env)
 
+
+
+def test_the_teacher_is_trained_once_and_tuning_its_student_keeps_it(project):
+    import torch
+
+    repo, env = project
+    empty = torch.load(repo / "models/teacher/logits.pt", weights_only=True)
+    assert empty.shape == (0, 10)  # the baseline has no teacher
+    first = run([DVC, "exp", "run", "-S", "mlp.train.distill.teacher=cnn"], repo, env).stdout
+    assert "Running stage 'teacher'" in first and "Running stage 'train'" in first
+    teacher = json.loads((repo / "metrics/teacher.json").read_text())
+    assert teacher["teacher"] == "cnn" and teacher["params"] > 0 and 0 < teacher["val_acc"] <= 1
+    logits = torch.load(repo / "models/teacher/logits.pt", weights_only=True)
+    assert logits.shape == (500, 10) and logits.std() > 0
+    print_line = next(line for line in first.splitlines() if line.startswith("mlp:"))
+    assert "distilled from the cnn teacher" in print_line
+    second = run([DVC, "exp", "run", "-S", "mlp.train.distill.teacher=cnn", "-S", "mlp.train.lr=0.05"], repo,
+                 env).stdout
+    assert "Running stage 'teacher'" not in second and "Running stage 'train'" in second
+    assert torch.equal(torch.load(repo / "models/teacher/logits.pt", weights_only=True), logits)
 
 
 def test_pull_request_report(project):

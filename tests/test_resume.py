@@ -31,13 +31,16 @@ def setup(tmp_path_factory):
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"), str(work / "data"),
                     "--params", str(work / "params.yaml")], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "stages/teacher.py"), str(work / "data"), str(work / "teacher"),
+                    "--params", str(work / "params.yaml"), "--metrics", str(work / "teacher.json"),
+                    "--timing", str(work / "teacher_timing.json")], check=True, capture_output=True)
     return work
 
 
 def train_command(work: Path, out: str, params: str = "params.yaml") -> list[str]:
     o = work / out
     return [sys.executable, str(ROOT / "stages/train.py"), str(work / "data"), "--params", str(work / params),
-            "--checkpoint", str(o / "model.pt"), "--metrics", str(o / "train.json"),
+            "--teacher", str(work / "teacher" / "logits.pt"), "--checkpoint", str(o / "model.pt"), "--metrics", str(o / "train.json"),
             "--history", str(o / "history.csv"), "--timing", str(o / "timing.json"),
             "--live", str(o / "live"), "--state-dir", str(work / "state")]
 
