@@ -9,10 +9,12 @@ seed 1; torchvision `datasets.MNIST` (the same raw files) through a `DataLoader`
 ToTensor + Normalize(0.1307, 0.3081), on the CPU as the script runs there (no workers);
 tested on the full test set after every epoch.
 
-Pipeline: the shipped Trainer with a one-epoch recipe given as `dvc exp run -S` overrides:
-FAST plus each of CANDIDATES (batch size and peak learning rate), run in turn at the
-default seed; the one with the best validation accuracy is the pipeline's recipe (the test
-set picks nothing). README gives its command. That search is part of the recipe's cost:
+Pipeline: the shipped Trainer with a short recipe given as `dvc exp run -S` overrides:
+FAST plus each of CANDIDATES (epochs, batch size, peak learning rate, and smaller CNNs:
+one convolution per stage), run in turn at the default seed. The pipeline's recipe is the
+fastest candidate whose validation accuracy is at least TARGET + MARGIN (the margin is a
+seed's noise), or the most accurate on validation when none is: the test set picks nothing.
+README gives its command. That search is part of the recipe's cost:
 its training seconds are reported, and a speed-up with them counted. The chosen recipe is
 then run at SEEDS, each a fresh model, and the pipeline's figure is their mean (and how
 many reached the target), not one lucky run.
@@ -50,15 +52,23 @@ from mnist_pipeline.params import Params, apply_overrides
 from mnist_pipeline.processed import Stats
 
 TARGET = 0.99
-# The pipeline's fast recipe, as `dvc exp run` overrides (README: "Time to 99 %"): one onecycle
-# epoch, no weight average (an EMA over a single epoch still remembers its random start) and
-# no augmentation (one pass is too short to need it).
-FAST = ["model=cnn", "cnn.train.epochs=1", "cnn.train.ema=0", "cnn.train.augment.enabled=false"]
+MARGIN = 0.001
+# The pipeline's fast recipe, as `dvc exp run` overrides (README: "Time to 99 %"): onecycle,
+# no weight average (an EMA over an epoch or two still remembers its random start), no
+# augmentation (so short a run is too short to need it) and one view.
+FAST = ["model=cnn", "cnn.train.ema=0", "cnn.train.augment.enabled=false", "cnn.views=1"]
 SEEDS = (1, 2, 3, 4, 5)
-CANDIDATES = [["cnn.train.batch_size=256", "cnn.train.lr=0.1"], ["cnn.train.batch_size=128", "cnn.train.lr=0.1"],
-              ["cnn.train.batch_size=128", "cnn.train.lr=0.3"], ["cnn.train.batch_size=64", "cnn.train.lr=0.1"],
-              ["cnn.train.batch_size=64", "cnn.train.lr=0.2"]]
-
+ONE_CONV = "cnn.channels=[[8],[16],[32]]"  # 6,274 parameters: a third of the default CNN's work per image
+CANDIDATES = [["cnn.train.epochs=1", "cnn.train.batch_size=256", "cnn.train.lr=0.1"],
+              ["cnn.train.epochs=1", "cnn.train.batch_size=128", "cnn.train.lr=0.1"],
+              ["cnn.train.epochs=1", "cnn.train.batch_size=128", "cnn.train.lr=0.3"],
+              ["cnn.train.epochs=1", "cnn.train.batch_size=64", "cnn.train.lr=0.1"],
+              ["cnn.train.epochs=1", "cnn.train.batch_size=64", "cnn.train.lr=0.2"],
+              [ONE_CONV, "cnn.train.epochs=1", "cnn.train.batch_size=128", "cnn.train.lr=0.2"],
+              [ONE_CONV, "cnn.train.epochs=1", "cnn.train.batch_size=64", "cnn.train.lr=0.2"],
+              [ONE_CONV, "cnn.train.epochs=2", "cnn.train.batch_size=128", "cnn.train.lr=0.2"],
+              ["cnn.channels=[[8],[16,16],[32]]", "cnn.train.epochs=1", "cnn.train.batch_size=64", "cnn.train.lr=0.2"],
+              ["cnn.channels=[[8],[16],[32,32]]", "cnn.train.epochs=1", "cnn.train.batch_size=64", "cnn.train.lr=0.2"]]
 
 class CanonicalNet(nn.Module):
     """pytorch/examples mnist/main.py's Net."""
@@ -206,7 +216,10 @@ def main() -> None:
         print(f"pipeline, `dvc exp run {' '.join('-S ' + o for o in overrides)}`:")
         candidates.append({"overrides": overrides,
                            **pipeline(apply_overrides(defaults, overrides), data, norm, args.max_epochs)})
-    chosen = max(candidates, key=lambda c: c["epochs"][-1]["val_acc"])  # chosen on validation only
+    # Chosen on validation only: the fastest that clears the target with a margin, else the most accurate.
+    clear = [c for c in candidates if c["epochs"][-1]["val_acc"] >= TARGET + MARGIN]
+    chosen = (min(clear, key=lambda c: c["epochs"][-1]["train_seconds"]) if clear
+              else max(candidates, key=lambda c: c["epochs"][-1]["val_acc"]))
     search_seconds = round(sum(c["epochs"][-1]["train_seconds"] for c in candidates), 2)
     print(f"chosen on validation accuracy: {' '.join(chosen['overrides'])} (search: {search_seconds} s of training)")
     seeds = []
@@ -242,7 +255,7 @@ def main() -> None:
     print(f"seconds of training to {TARGET:.0%} test accuracy: pipeline {a} (mean of seeds {SEEDS}, "
           f"{ours['reached']} reached it), canonical {b} → {speedup}×; counting the {search_seconds} s recipe "
           f"search: {with_search}×")
-    common.save("canonical", {"target_test_accuracy": TARGET, "fast_recipe": chosen["overrides"],
+    common.save("canonical", {"target_test_accuracy": TARGET, "margin": MARGIN, "fast_recipe": chosen["overrides"],
                               "candidates": candidates, "pipeline": ours, "canonical": theirs, "peer": peer,
                               "speedup": speedup, "speedup_with_search": with_search})
 

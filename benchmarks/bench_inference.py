@@ -5,7 +5,9 @@
 - throughput over the 10,000 test images (batches of 1,000, and batch 1 on 1,000 images),
   median of 5 runs, for the checkpoint in eager PyTorch and the exported ONNX model;
 - cold start: wall time of `mnist-predict one.png` as a fresh process (median of 5),
-  against the bare `python -c "import torch"` that any PyTorch-based CLI pays first.
+  against the bare `python -c "import torch"` that any PyTorch-based CLI pays first;
+- test-time views (`<model>.views`): the checkpoint's weights exported with 5 and 9 views,
+  onnxruntime throughput against the single view, same run: what averaging costs a server.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from PIL import Image
 import common
 from mnist_pipeline import checkpoint
 from mnist_pipeline.data import to_unit
-from mnist_pipeline.export import deployable
+from mnist_pipeline.export import deployable, export_onnx
+from mnist_pipeline.models import build_model
 
 
 def throughput(run, x: np.ndarray, batch: int) -> float:
@@ -78,6 +81,20 @@ def main() -> None:
     results["cold_start_seconds"] = {"mnist_predict": round(cold, 3), "python_import_torch": round(torch_import, 3),
                                      "ratio": round(torch_import / cold, 2)}
     print(f"cold start: mnist-predict {cold:.2f} s; `import torch` alone {torch_import:.2f} s")
+
+    results["views"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for views in (1, 5, 9):
+            averaged = build_model(ckpt.model, **{**ckpt.model_kwargs, "views": views})
+            averaged.load_state_dict(ckpt.state_dict)
+            path = Path(tmp) / f"views{views}.onnx"
+            export_onnx(deployable(averaged, ckpt.normalisation["mean"], ckpt.normalisation["std"]), path, 18, {})
+            views_session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            rates = {label: round(throughput(lambda b: views_session.run(None, {"image": b}), data, batch))
+                     for label, batch, data in (("batch_1000", 1000, x), ("batch_1", 1, x[:1000]))}
+            results["views"][str(views)] = rates
+            print(f"{views} view(s): onnxruntime {rates['batch_1000']:,} img/s in batches of 1,000, "
+                  f"{rates['batch_1']:,} img/s one at a time")
     common.save("inference", results)
 
 
