@@ -98,6 +98,14 @@ def render() -> str:
                       f"({t['batch_1000']['ratio']}×); batch 1: {t['batch_1']['onnxruntime']:,} vs "
                       f"{t['batch_1']['pytorch_eager']:,} img/s. `mnist-predict` on one image: "
                       f"{c['mnist_predict']:.2f} s cold start (a bare `import torch` takes {c['python_import_torch']:.2f} s)."]
+        views = inference.get("views")
+        if views:
+            one = views["1"]
+            rates = "; ".join(f"{n} view{'s' * (n != '1')}: {v['batch_1000']:,} img/s in batches of 1,000 "
+                              f"({v['batch_1000'] / one['batch_1000']:.2f}×), {v['batch_1']:,} one at a time "
+                              f"({v['batch_1'] / one['batch_1']:.2f}×)" for n, v in views.items())
+            lines += ["", f"What test-time views cost at inference (the same weights exported with 1, 5 and 9 "
+                          f"views, onnxruntime, same run): {rates}."]
     if dvc:
         lines += ["", f"No-op `dvc repro`: {dvc['noop_repro_seconds']:.2f} s (`dvc version` alone: "
                       f"{dvc['dvc_version_seconds']:.2f} s)."]
@@ -277,7 +285,7 @@ def frontier_plot(r: dict) -> None:
         axes[1].plot([], [], "o", color=colour, label=model)
     for views, marker in markers.items():
         axes[1].plot([], [], marker, color="grey", label=f"{views} test-time view{'s' * (views > 1)}")
-    axes[1].legend(fontsize=7, loc="lower right")
+    axes[1].legend(fontsize=7, loc="center")
     fig.suptitle("Every recipe tried (benchmarks/results/frontier.json)", fontsize=10)
     fig.tight_layout()
     fig.savefig(FRONTIER_PNG, dpi=90, metadata={"Software": None})
@@ -340,7 +348,8 @@ def fast_block() -> str:
         return ""
     ours, peer = r["pipeline"], r["peer"]
     seconds = sum(s["epochs"][-1]["train_seconds"] for s in ours["seeds"]) / len(ours["seeds"])
-    overrides = " ".join(f"-S {o}" for o in r["fast_recipe"])
+    # Brackets are shell glob characters: quote those overrides.
+    overrides = " ".join(f"-S '{o}'" if "[" in o else f"-S {o}" for o in r["fast_recipe"])
     return (f"A 99 % model in a few seconds, for a demo or a quick check of a change: the CNN without its weight "
             f"average and augmentation, chosen on the validation split among {len(r['candidates'])} short recipes "
             f"as the fastest to clear {r['target_test_accuracy'] + r.get('margin', 0.0):.1%} ({secs(seconds)} of training on "

@@ -35,7 +35,7 @@ def test_fast_recipe_in_readme_is_the_benchmarked_one_and_valid():
 
     readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
     command = re.search(r"^dvc exp run (-S model=cnn -S cnn\.train\.ema=0 .*)$", readme, re.M).group(1)
-    overrides = command.split()[1::2]
+    overrides = [o.strip("'") for o in command.split()[1::2]]
     measured = json.loads((ROOT / "benchmarks/results/canonical.json").read_text())["fast_recipe"]
     assert overrides == measured
     params = apply_overrides(load_params(ROOT / "params.yaml"), overrides)
