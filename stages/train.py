@@ -48,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device()
     train, val = processed.load_split(args.data_dir, "train"), processed.load_split(args.data_dir, "val")
     stats = processed.load_stats(args.data_dir)
-    hashes = data_hashes({**{s: processed.split_path(args.data_dir, s) for s in ("train", "val")},
-                          "teacher": args.teacher})
-    run_params = {"seed": params.seed, "dataset": params.dataset, "model": params.model,
-                  params.model: params.section(params.model), "data": params.section("data")}
-    model = models.build_model(params.model, **params.model_kwargs())
     distill = None
     if params.teacher != "none":
         d = params.train.distill
         distill = Distillation(load_teacher_logits(args.teacher, len(train[0])), d.weight, d.temperature)
+    inputs = {s: processed.split_path(args.data_dir, s) for s in ("train", "val")}
+    hashes = data_hashes(inputs if distill is None else {**inputs, "teacher": args.teacher})
+    run_params = {"seed": params.seed, "dataset": params.dataset, "model": params.model,
+                  params.model: params.section(params.model), "data": params.section("data")}
+    model = models.build_model(params.model, **params.model_kwargs())
     trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device, distill)
     num_params = models.count_parameters(model)
     print(f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images, "

@@ -115,7 +115,8 @@ def test_stage_exits_2_with_one_line(tmp_path):
     params.write_text(yaml.safe_dump(with_change("model", "cnnn")))
     result = subprocess.run(
         [sys.executable, str(ROOT / "stages" / "train.py"), str(tmp_path), "--params", str(params),
-         *[f"--{o}={tmp_path / o}" for o in ("checkpoint", "metrics", "history", "timing", "live", "state-dir")]],
+         *[f"--{o}={tmp_path / o}" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live",
+                                             "state-dir")]],
         capture_output=True, text=True, cwd=tmp_path,
     )
     assert result.returncode == 2

@@ -53,9 +53,16 @@ def stage(name: str, *args: str, params: Path, env: dict[str, str] | None = None
                           capture_output=True, text=True, env=env)
 
 
-def train_args(work: Path, data: Path) -> list[str]:
-    return [str(data), *[f"--{o}={work / 'out' / o}" for o in ("checkpoint", "metrics", "history", "timing", "live",
-                                                               "state-dir")]]
+def train_args(work: Path, data: Path, teacher: Path | None = None) -> list[str]:
+    return [str(data), f"--teacher={teacher or work / 'teacher.pt'}",
+            *[f"--{o}={work / 'out' / o}" for o in ("checkpoint", "metrics", "history", "timing", "live", "state-dir")]]
+
+
+def tensor_file(work: Path, name: str, tensor: torch.Tensor) -> Path:
+    path = work / "bad" / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save(tensor, path)
+    return path
 
 
 def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str]:
@@ -90,6 +97,16 @@ CASES = {
     "train: split file truncated": lambda w: (
         "train", train_args(w, (lambda d: ((d / "val.pt").write_bytes(b"PK\x03\x04"), d)[1])(copy_data(w, "d2"))),
         {}, "val.pt: not a readable tensor file"),
+    # params.yaml's MLP distils from the CNN: its teacher's logits must cover the training images.
+    "train: teacher logits missing": lambda w: ("train", train_args(w, copy_data(w, "d3"), w / "no-teacher.pt"), {},
+                                                "no-teacher.pt: teacher logits file not found"),
+    "train: teacher logits for other data": lambda w: (
+        "train", train_args(w, copy_data(w, "d4"), tensor_file(w, "logits.pt", torch.zeros(3, 10))), {},
+        "expected the teacher's logits for the 250 training images (250×10 floats), found (3, 10)"),
+    "teacher: split file truncated": lambda w: (
+        "teacher", [str((lambda d: ((d / "train.pt").write_bytes(b"PK\x03\x04"), d)[1])(copy_data(w, "d5"))),
+                    str(w / "out" / "teacher"), f"--metrics={w / 'out' / 'teacher.json'}",
+                    f"--timing={w / 'out' / 'teacher_timing.json'}"], {}, "train.pt: not a readable tensor file"),
     "evaluate: checkpoint truncated": lambda w: (
         "evaluate", evaluate_args(w, bad(w, "c1.pt", (w / "model.pt").read_bytes()[:300]), w / "data",
                                   w / "history.csv"), {}, "c1.pt: not a valid checkpoint"),
@@ -129,13 +146,15 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(work, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("name", ["download", "preprocess", "train", "evaluate", "export"])
+@pytest.mark.parametrize("name", ["download", "preprocess", "teacher", "train", "evaluate", "export"])
 def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
     folder, _ = work
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**PARAMS, "mlp": {**PARAMS["mlp"], "train": {**PARAMS["mlp"]["train"], "lr": "fast"}}}))
-    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "train": 1, "evaluate": 2, "export": 3}[name],
-                   *{"train": [f"--{o}=x" for o in ("checkpoint", "metrics", "history", "timing", "live",
+    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "teacher": 2, "train": 1, "evaluate": 2,
+                                   "export": 3}[name],
+                   *{"teacher": ["--metrics=x", "--timing=x"],
+                     "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
                      "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png",
                                                        "misclassified-png", "curves-png", "reliability-png")],
