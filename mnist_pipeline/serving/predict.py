@@ -38,18 +38,25 @@ def json_record(path: str, probs: np.ndarray, classes: list[str], top_k: int) ->
         "prediction": classes[order[0]],
         "confidence": round(float(probs[order[0]]), 6),
         "top_k": [{"class": classes[i], "probability": round(float(probs[i]), 6)} for i in order],
-        "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)},
+        "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist-predict", description="Classify handwritten digit images.")
     parser.add_argument("images", nargs="+", type=Path, help=f"image files: {FORMAT_NAMES}")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"exported model, .onnx (default {DEFAULT_MODEL}) or .pt2 with --trust-pt2")
-    parser.add_argument("--trust-pt2", action="store_true",
-                        help="allow a .pt2 model: torch loads it with pickle, which can run code from the file, "
-                             "so use it only for files you made yourself")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help=f"exported model, .onnx (default {DEFAULT_MODEL}) or .pt2 with --trust-pt2",
+    )
+    parser.add_argument(
+        "--trust-pt2",
+        action="store_true",
+        help="allow a .pt2 model: torch loads it with pickle, which can run code from the file, "
+        "so use it only for files you made yourself",
+    )
     parser.add_argument("--json", action="store_true", help="JSON lines with all class probabilities")
     parser.add_argument("--top-k", type=int, default=1, help="show the k most likely classes (default 1)")
     args = parser.parse_args(argv)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a bug in preparation: still this file's line, never the run's end
             errors[i] = f"internal error while preparing this file ({type(exc).__name__}: {exc}); please report it"
     # One batched inference call for every readable image, then answers in input order.
-    probs = dict(zip(prepared, model.probabilities(np.stack(list(prepared.values()))))) if prepared else {}
+    probs = dict(zip(prepared, model.probabilities(np.stack(list(prepared.values()))), strict=True)) if prepared else {}
     for i, path in enumerate(args.images):
         if i in errors:
             if args.json:

@@ -13,21 +13,24 @@ workers stays small.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from mnist_pipeline.errors import ModelFileError
-
-DEFAULT_MODEL = Path("models/export/model.onnx")
-DEFAULT_MAX_UPLOAD = 4 << 20  # bytes per request: a phone photo fits, a flood does not
-DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in the pool); more get 503
-SETTINGS_ENV = "MNIST_SERVE_SETTINGS"  # worker processes build their app from it (app.app_from_env)
+from mnist_pipeline.serving.settings import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_UPLOAD,
+    DEFAULT_MODEL,
+    SETTINGS_ENV,
+    Settings,
+    to_env,
+)
 
 
 def model_problem(path: Path) -> str | None:
@@ -49,53 +52,86 @@ def _try_load(path: Path) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mnist-serve", description="Serve the exported model over HTTP.")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD / 2**20,
-                        help="largest request body accepted, in MB (default 4)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes sharing the port (default 1; each holds its own model)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="per worker: threads that prepare images and run the model (default: the cores)")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"per worker: requests admitted at once; more get 503 (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD / 2**20,
+        help="largest request body accepted, in MB (default 4)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes sharing the port (default 1; each holds its own model)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="per worker: threads that prepare images and run the model (default: the cores)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"per worker: requests admitted at once; more get 503 (default {DEFAULT_MAX_QUEUE})",
+    )
     args = parser.parse_args(argv)
     for name in ("workers", "threads", "max_queue"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    settings = {"max_upload": int(args.max_upload_mb * 2**20), "threads": args.threads, "max_queue": args.max_queue}
+    return args
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the URL is printed so that a client that reads it can connect at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings(max_upload=int(args.max_upload_mb * 2**20), threads=args.threads, max_queue=args.max_queue)
     try:
         if args.workers == 1:
-            from mnist_pipeline.app import create_app
-        app = create_app(args.model, **settings) if args.workers == 1 else None
-        problem = model_problem(args.model) if args.workers > 1 else None
+            from mnist_pipeline.serving.app import create_app
+
+            app = create_app(args.model, settings)
+            problem = None
+        else:
+            problem = model_problem(args.model)
     except ModelFileError as exc:
         problem = str(exc)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock = listen(args.host, args.port)
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    sock.listen(2048)  # before the URL is printed, so a client that reads it can connect at once
     host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
     print(f"serving {args.model} on http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
-    server = {"log_level": "warning", "access_log": False, "lifespan": "off", "timeout_graceful_shutdown": 5}
+    server: dict[str, Any] = {
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "off",
+        "timeout_graceful_shutdown": 5,
+    }
     try:
         if args.workers == 1:
             uvicorn.Server(uvicorn.Config(app, **server)).run(sockets=[sock])
         else:
-            os.environ[SETTINGS_ENV] = json.dumps({"model_path": str(args.model.resolve()), **settings})
-            config = uvicorn.Config("mnist_pipeline.app:app_from_env", factory=True, workers=args.workers, **server)
+            os.environ[SETTINGS_ENV] = to_env(args.model, settings)
+            config = uvicorn.Config(
+                "mnist_pipeline.serving.app:app_from_env", factory=True, workers=args.workers, **server
+            )
             Multiprocess(config, sockets=[sock]).run()
     except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal it caught
         pass

@@ -1,0 +1,40 @@
+"""What a server is told: its limits, and how they reach worker processes.
+
+Imported by the command (`server.py`) and by the app (`app.py`) alike, and importing nothing
+heavy itself, so the supervisor of several workers stays small and the two modules need not
+import each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = Path("models/export/model.onnx")
+DEFAULT_MAX_UPLOAD = 4 << 20  # bytes per request: a phone photo fits, a flood does not
+DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in the pool); more get 503
+# Decoded pixels per uploaded image. The worst case, an RGBA or palette PNG, peaks near 8 bytes a
+# decoded pixel while it is prepared: 10 MP × 2 threads stays inside a 250 MB worker.
+WEB_MAX_PIXELS = 10_000_000
+SETTINGS_ENV = "MNIST_SERVE_SETTINGS"  # worker processes build their app from it (app.app_from_env)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One worker's limits; `threads` None means the cores this process may use."""
+
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    threads: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_pixels: int = WEB_MAX_PIXELS
+
+
+def to_env(model_path: Path, settings: Settings) -> str:
+    return json.dumps({"model_path": str(model_path.resolve()), **asdict(settings)})
+
+
+def from_env() -> tuple[Path, Settings]:
+    values = json.loads(os.environ[SETTINGS_ENV])
+    return Path(values.pop("model_path")), Settings(**values)
