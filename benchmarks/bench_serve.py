@@ -38,7 +38,7 @@ import common
 import loadgen
 from mnist_pipeline import images
 from mnist_pipeline.exported import load_model
-from mnist_pipeline.app import WEB_MAX_PIXELS, compact_json, png_data_url
+from mnist_pipeline.serving.app import WEB_MAX_PIXELS, compact_json, png_data_url
 
 CLIENTS, REQUESTS, ROUNDS, HEALTH_SECONDS = 8, 4000, 3, 5
 AB = shutil.which("ab")

@@ -64,9 +64,15 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> 
     for i in range(bins):
         member = index == i
         count = int(member.sum())
-        rows.append({"low": i / bins, "high": (i + 1) / bins, "count": count,
-                     "confidence": float(confidence[member].double().mean()) if count else 0.0,
-                     "accuracy": float(correct[member].mean()) if count else 0.0})
+        rows.append(
+            {
+                "low": i / bins,
+                "high": (i + 1) / bins,
+                "count": count,
+                "confidence": float(confidence[member].double().mean()) if count else 0.0,
+                "accuracy": float(correct[member].mean()) if count else 0.0,
+            }
+        )
     return rows
 
 
@@ -83,13 +89,23 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 Rows = list[dict[str, float]]
 
 
-def report(val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor,
-           test_labels: torch.Tensor) -> tuple[dict[str, float], Rows, Rows]:
+def report(
+    val_logits: torch.Tensor, val_labels: torch.Tensor, test_logits: torch.Tensor, test_labels: torch.Tensor
+) -> tuple[dict[str, float], Rows, Rows]:
     """The temperature fitted on val, test ECE and NLL before and after it, and the test reliability
     rows before and after (for the diagram)."""
     t = fit_temperature(val_logits, val_labels)
     before = reliability(test_logits.double().softmax(1), test_labels)
     after = reliability((test_logits.double() / t).softmax(1), test_labels)
-    return {"temperature": t, "bins": BINS, "ece_before": round(ece(before), 6), "ece_after": round(ece(after), 6),
+    return (
+        {
+            "temperature": t,
+            "bins": BINS,
+            "ece_before": round(ece(before), 6),
+            "ece_after": round(ece(after), 6),
             "nll_before": round(nll(test_logits, test_labels), 6),
-            "nll_after": round(nll(test_logits, test_labels, t), 6)}, before, after
+            "nll_after": round(nll(test_logits, test_labels, t), 6),
+        },
+        before,
+        after,
+    )

@@ -43,9 +43,17 @@ class Checkpoint:
 
     def to_dict(self) -> dict[str, Any]:
         # The key order is part of the file's bytes: keep it.
-        return {"format": FORMAT, "model": self.model, "model_kwargs": self.model_kwargs,
-                "state_dict": self.state_dict, "normalisation": self.normalisation, "classes": self.classes,
-                "params": self.params, "data": self.data, "best": self.best}
+        return {
+            "format": FORMAT,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "state_dict": self.state_dict,
+            "normalisation": self.normalisation,
+            "classes": self.classes,
+            "params": self.params,
+            "data": self.data,
+            "best": self.best,
+        }
 
     def build(self) -> nn.Module:
         """The model with its trained weights, in eval mode."""
@@ -74,8 +82,10 @@ def load_teacher_logits(path: Path, images: int) -> torch.Tensor:
     logits = _load(path, "teacher logits file")
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or tuple(logits.shape) != (images, 10):
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise CheckpointError(f"{path}: expected the teacher's logits for the {images} training images "
-                              f"({images}×10 floats), found {shape}; run `dvc repro teacher`")
+        raise CheckpointError(
+            f"{path}: expected the teacher's logits for the {images} training images "
+            f"({images}×10 floats), found {shape}; run `dvc repro teacher`"
+        )
     return logits
 
 
@@ -92,8 +102,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     norm = blob["normalisation"]
-    if not isinstance(norm, dict) or not all(isinstance(norm.get(k), float) for k in ("mean", "std")) \
-            or not norm["std"] > 0:
+    if (
+        not isinstance(norm, dict)
+        or not all(isinstance(norm.get(k), float) for k in ("mean", "std"))
+        or not norm["std"] > 0
+    ):
         raise CheckpointError(f"{path}: checkpoint has invalid normalisation {norm!r}")
     if not isinstance(blob["classes"], list) or not all(isinstance(c, str) for c in blob["classes"]):
         raise CheckpointError(f"{path}: checkpoint has invalid classes {blob['classes']!r}")
@@ -108,8 +121,9 @@ def data_hashes(paths: dict[str, Path]) -> dict[str, str]:
 
 def fingerprint(params: dict[str, Any], data: dict[str, str], code_files: list[Path]) -> str:
     """What a training run depends on: its params, its data and the code that trains."""
-    digest = hashlib.sha256(json.dumps({"params": params, "data": data, "torch": torch.__version__},
-                                       sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps({"params": params, "data": data, "torch": torch.__version__}, sort_keys=True).encode()
+    )
     for path in sorted(code_files):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

@@ -26,8 +26,9 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
     n = len(labels)
     if not 0 < val_size < n:
         # params.py bounds val_size by the registry's size; this is a smaller (private or test) dataset.
-        raise DatasetError(f"data.val_size = {val_size}: this dataset has only {n} training images; "
-                           f"set it between 1 and {n - 1}")
+        raise DatasetError(
+            f"data.val_size = {val_size}: this dataset has only {n} training images; set it between 1 and {n - 1}"
+        )
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.double() * val_size / n
     quota = exact.floor().long()
@@ -37,7 +38,7 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
         quota[i] += 1
     generator = torch.Generator().manual_seed(seed)
     val_parts = []
-    for cls, k in zip(classes.tolist(), quota.tolist()):
+    for cls, k in zip(classes.tolist(), quota.tolist(), strict=True):
         members = torch.nonzero(labels == cls).flatten()
         val_parts.append(members[torch.randperm(len(members), generator=generator)[:k]])
     is_val = torch.zeros(n, dtype=torch.bool)
@@ -86,8 +87,9 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = N
         yield order[start : start + batch_size]
 
 
-def elastic_field(n: int, h: int, w: int, alpha: float, sigma: float, generator: torch.Generator,
-                  like: torch.Tensor) -> torch.Tensor:
+def elastic_field(
+    n: int, h: int, w: int, alpha: float, sigma: float, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
     """Random smooth displacements N×H×W×2 in grid_sample's normalised units (Simard et al. 2003):
     uniform noise in [-1, 1] per pixel and axis, blurred by a Gaussian of σ = `sigma` pixels, times
     `alpha` pixels.
@@ -113,8 +115,13 @@ def elastic_field(n: int, h: int, w: int, alpha: float, sigma: float, generator:
 
 
 def random_affine(
-    x: torch.Tensor, rotate: float, scale: float, shift: float, generator: torch.Generator,
-    elastic: float = 0.0, elastic_sigma: float = 4.0,
+    x: torch.Tensor,
+    rotate: float,
+    scale: float,
+    shift: float,
+    generator: torch.Generator,
+    elastic: float = 0.0,
+    elastic_sigma: float = 4.0,
 ) -> torch.Tensor:
     """Warp a batch N×C×H×W of [0, 1] images (background 0) with one random rotation
     (±degrees), zoom (±fraction) and shift (±pixels) per image, plus an elastic distortion of

@@ -127,7 +127,9 @@ def _mirror_url(mirror: str) -> str:
         return mirror.rstrip("/") + "/"
     folder = Path(mirror).expanduser().resolve()
     if not folder.is_dir():
-        raise DatasetError(f"{MIRROR_ENV}={mirror!r}: not a directory (expected a folder holding the .gz files, or a URL)")
+        raise DatasetError(
+            f"{MIRROR_ENV}={mirror!r}: not a directory (expected a folder holding the .gz files, or a URL)"
+        )
     return folder.as_uri() + "/"
 
 
@@ -228,8 +230,11 @@ def download_file(
         known = pinned or _recorded(record)
         if dest.stat().st_size <= spec.size and sha256_file(dest) in known:
             return "present"
-        log(f"{dest}: " + ("checksum mismatch" if known else "no pinned payload checksum to verify it against")
-            + "; fetching it again")
+        log(
+            f"{dest}: "
+            + ("checksum mismatch" if known else "no pinned payload checksum to verify it against")
+            + "; fetching it again"
+        )
     failures: list[str] = []
     for base in urls:
         url = base + spec.name
@@ -254,10 +259,11 @@ def download_file(
                     failures.append(f"{url}: {reason}")
                     log(f"{url}: {reason}")
                     break
-                log(f"{url}: {reason}; retrying in {backoff * 2 ** attempt:.0f} s")
-                time.sleep(backoff * 2 ** attempt)
+                log(f"{url}: {reason}; retrying in {backoff * 2**attempt:.0f} s")
+                time.sleep(backoff * 2**attempt)
     raise DatasetError(
-        f"could not get a verified {spec.name}; tried " + "; ".join(failures)
+        f"could not get a verified {spec.name}; tried "
+        + "; ".join(failures)
         + f". Without internet access, point {MIRROR_ENV} at a folder or URL holding the four .gz files, "
         f"e.g. `{MIRROR_ENV}=/path/to/mnist dvc repro`."
     )

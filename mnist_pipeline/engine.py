@@ -105,6 +105,12 @@ class BestEpoch:
     def summary(self) -> dict[str, float | int]:
         return {"epoch": self.epoch, "val_acc": self.val_acc, "val_loss": self.val_loss}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The kept epoch's weights; only a fit that ran no epoch has none."""
+        if self.state is None:
+            raise RuntimeError("no epoch was kept: training ran no epoch")
+        return self.state
+
 
 @dataclass(frozen=True)
 class Distillation:
@@ -119,8 +125,10 @@ class Distillation:
 
     def loss(self, hard: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         target = F.log_softmax(self.logits[idx] / self.temperature, dim=1)
-        soft = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True,
-                        reduction="batchmean") * self.temperature**2
+        soft = (
+            F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target, log_target=True, reduction="batchmean")
+            * self.temperature**2
+        )
         return (1 - self.weight) * hard + self.weight * soft
 
 
@@ -146,7 +154,7 @@ class Schedule:
 
     scheduler: Any
     after_batch: Callable[[], None]
-    after_epoch: Callable[[float], None]  # takes the epoch's validation accuracy
+    after_epoch: Callable[[float], Any]  # takes the epoch's validation accuracy
 
 
 def _still() -> None:
@@ -157,6 +165,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_e
     """onecycle and cosine move every batch; step once per epoch; plateau per epoch on val accuracy."""
     total = tp.epochs * steps_per_epoch
     lr_scheduler = torch.optim.lr_scheduler
+    s: Any
     if tp.scheduler == "onecycle":
         s = lr_scheduler.OneCycleLR(optimizer, max_lr=tp.lr, total_steps=total, pct_start=tp.warmup)
         return Schedule(s, s.step, lambda val_acc: None)
@@ -190,7 +199,9 @@ class Trainer:
         self.tp, self.mean, self.std, self.device = tp, mean, std, device
         self.distill = None if distill is None else replace(distill, logits=distill.logits.to(device))
         self.channels_last = uses_channels_last(model)
-        self.model = model.to(device, memory_format=torch.channels_last) if self.channels_last else model.to(device)
+        self.model = model.to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.train_x, self.train_y = (t.to(device) for t in train)
         self.val_x, self.val_y = (t.to(device) for t in val)
         self.steps_per_epoch = math.ceil(len(self.train_x) / tp.batch_size)
@@ -256,8 +267,13 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         lr = self._lr()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{tp.epochs}", leave=False,
-                   disable=not progress, file=sys.stderr)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{tp.epochs}",
+            leave=False,
+            disable=not progress,
+            file=sys.stderr,
+        )
         for idx in batch_indices(len(self.train_x), tp.batch_size, self.generator):
             idx = idx.to(self.device)
             x = to_unit(self.train_x[idx])

@@ -47,15 +47,24 @@ ONNX_TRACE, PT2_TRACE = "pkg.torch.onnx.stack_trace", "stack_trace"
 
 def export_onnx(model: nn.Module, path: Path, opset: int, metadata: dict[str, str]) -> None:
     example, dynamic = _example()
-    program = torch.onnx.export(model.eval(), (example,), dynamo=True, opset_version=opset,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=dynamic, verbose=False)
+    program = torch.onnx.export(
+        model.eval(),
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=dynamic,
+        verbose=False,
+    )
+    if program is None:  # dynamo=True always returns one; None is the legacy exporter's answer
+        raise RuntimeError("torch.onnx.export returned no ONNXProgram")
     for node in program.model.graph.all_nodes():
         node.metadata_props.pop(ONNX_TRACE, None)
     program.model.metadata_props.update(metadata)
     # ONNXProgram.save writes in place; render to bytes to keep the write atomic.
     buffer = io.BytesIO()
-    program.save(buffer)
+    program.save(buffer)  # type: ignore[arg-type]  # a file object works; the stub says path
     write_bytes(path, buffer.getvalue())
 
 
@@ -92,8 +101,11 @@ def prepared_parity(model: nn.Module, loaded: Model, images: torch.Tensor) -> di
     served = loaded.probabilities(digits)
     with torch.no_grad():
         reference = model(torch.from_numpy(digits)[:, None]).double().softmax(1).numpy()
-    return {"max_abs_prob_diff": float(np.abs(reference - served).max()),
-            "top1_agreement": float((reference.argmax(1) == served.argmax(1)).mean()), "samples": int(len(digits))}
+    return {
+        "max_abs_prob_diff": float(np.abs(reference - served).max()),
+        "top1_agreement": float((reference.argmax(1) == served.argmax(1)).mean()),
+        "samples": int(len(digits)),
+    }
 
 
 def check_parity(report: dict[str, Any], fmt: str, tolerance: float = 1e-4) -> None:
@@ -107,4 +119,5 @@ def check_parity(report: dict[str, Any], fmt: str, tolerance: float = 1e-4) -> N
         raise ParityError(
             f"{fmt} export through images.prepare disagrees with PyTorch on the same prepared digits: top-1 "
             f"agreement {path['top1_agreement']:.4f} (expected 1.0), max probability difference "
-            f"{path['max_abs_prob_diff']:.2e} (expected ≤ {tolerance:g})")
+            f"{path['max_abs_prob_diff']:.2e} (expected ≤ {tolerance:g})"
+        )

@@ -56,13 +56,18 @@ def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray]
         classes, mean, std = json.loads(meta["classes"]), float(meta["mean"]), float(meta["std"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: not a model exported by this pipeline (missing metadata {exc})") from None
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)) \
-            or not math.isfinite(mean) or not (math.isfinite(std) and std > 0):
-        raise ModelFileError(f"{path}: invalid metadata (classes {meta['classes']!r}, mean {meta['mean']!r}, "
-                             f"std {meta['std']!r})")
+    if (
+        not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes))
+        or not math.isfinite(mean)
+        or not (math.isfinite(std) and std > 0)
+    ):
+        raise ModelFileError(
+            f"{path}: invalid metadata (classes {meta['classes']!r}, mean {meta['mean']!r}, std {meta['std']!r})"
+        )
     if meta.get("input") != INPUT_SPEC:  # earlier exports took standardised input: fed pixels, they would be wrong
-        raise ModelFileError(f"{path}: made for another input ({meta.get('input')!r}); "
-                             "re-export it with `dvc repro export`")
+        raise ModelFileError(
+            f"{path}: made for another input ({meta.get('input')!r}); re-export it with `dvc repro export`"
+        )
     return Model(run, classes)
 
 
@@ -82,8 +87,7 @@ def _load_onnx(path: Path, threads: int | None) -> Model:
     if len(inputs) != 1:
         raise ModelFileError(f"{path}: expected one input, the model has {len(inputs)}")
     name = inputs[0].name
-    return _from_metadata(session.get_modelmeta().custom_metadata_map,
-                          lambda x: session.run(None, {name: x})[0], path)
+    return _from_metadata(session.get_modelmeta().custom_metadata_map, lambda x: session.run(None, {name: x})[0], path)
 
 
 def _load_pt2(path: Path) -> Model:
@@ -121,6 +125,7 @@ def load_model(path: Path, trust_pickle: bool = False, threads: int | None = Non
         if not trust_pickle:
             raise ModelFileError(
                 f"{path}: .pt2 files are loaded with pickle, which can run code from the file; "
-                "use the .onnx model, or pass --trust-pt2 for a file you made yourself")
+                "use the .onnx model, or pass --trust-pt2 for a file you made yourself"
+            )
         return _load_pt2(path)
     raise ModelFileError(f"{path}: expected a .onnx or .pt2 model")

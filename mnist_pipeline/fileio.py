@@ -78,7 +78,9 @@ def scratch_path(folder: str | os.PathLike[str], name: str) -> Iterator[Path]:
     """Yield a temporary path in `folder` (named like atomic_path's, so remove_stale_temps
     finds it after a kill) that is always deleted afterwards."""
     stem, dot, suffix = name.rpartition(".")
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{stem or suffix}.", suffix=f".tmp{dot}{suffix if stem else ''}")
+    fd, tmp_name = tempfile.mkstemp(
+        dir=folder, prefix=f".{stem or suffix}.", suffix=f".tmp{dot}{suffix if stem else ''}"
+    )
     os.close(fd)
     try:
         yield Path(tmp_name)

@@ -37,7 +37,8 @@ def parse_idx(data: bytes, name: str) -> torch.Tensor:
         size *= d
     if len(data) - header != size:
         raise DatasetError(
-            f"{name}: header declares dimensions {list(dims)} ({size} bytes of data) but the file holds {len(data) - header}"
+            f"{name}: header declares dimensions {list(dims)} ({size} bytes of data) "
+            f"but the file holds {len(data) - header}"
         )
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
@@ -77,5 +78,7 @@ def read_split(folder: Path, images: IdxFile, labels: IdxFile, num_classes: int)
     x = read_images(folder / images.payload)
     y = read_labels(folder / labels.payload, num_classes)
     if len(x) != len(y):
-        raise DatasetError(f"{folder}: {images.payload} holds {len(x)} images but {labels.payload} holds {len(y)} labels")
+        raise DatasetError(
+            f"{folder}: {images.payload} holds {len(x)} images but {labels.payload} holds {len(y)} labels"
+        )
     return x, y

@@ -54,10 +54,23 @@ class TooLarge(ImageError):
 
 # Other formats' leading bytes, so that a PSD or an EPS is named as an unsupported image rather than
 # as garbage. Matching them decodes nothing.
-_OTHER_FORMATS = ((b"%!PS", "EPS/PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"), (b"8BPS", "PSD"),
-                  (b"\x00\x00\x01\x00", "ICO"), (b"icns", "ICNS"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"),
-                  (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"qoif", "QOI"),
-                  (b"DDS ", "DDS"), (b"v/1\x01", "OpenEXR"), (b"SIMPLE  =", "FITS"), (b"BPG\xfb", "BPG"))
+_OTHER_FORMATS = (
+    (b"%!PS", "EPS/PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"%PDF", "PDF"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"icns", "ICNS"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "SVG/XML"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"qoif", "QOI"),
+    (b"DDS ", "DDS"),
+    (b"v/1\x01", "OpenEXR"),
+    (b"SIMPLE  =", "FITS"),
+    (b"BPG\xfb", "BPG"),
+)
 _ISO_BRANDS = (b"heic", b"heix", b"heif", b"mif1", b"avif", b"avis")
 
 
@@ -85,16 +98,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
                 image.draft("L", (WORK_SIDE, WORK_SIDE))
             if width * height > MAX_PIXELS or image.width * image.height > limit:
                 decoded = f" ({image.width}×{image.height} decoded)" if image.size != (width, height) else ""
-                raise TooLarge(f"image is {width}×{height} pixels{decoded}, over the {limit:,} "
-                               "pixel limit (a decompression bomb?)")
+                raise TooLarge(
+                    f"image is {width}×{height} pixels{decoded}, over the {limit:,} pixel limit (a decompression bomb?)"
+                )
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
         name = other_format(data)
         if name:
-            raise UnsupportedFormat(f"not an image in a supported format ({FORMAT_NAMES}): "
-                                    f"it looks like {name}") from None
+            raise UnsupportedFormat(
+                f"not an image in a supported format ({FORMAT_NAMES}): it looks like {name}"
+            ) from None
         raise ImageError(f"not an image in a supported format ({FORMAT_NAMES})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"refused as a decompression bomb: {exc}") from None
@@ -124,9 +139,15 @@ def read_bounded(path: Path, max_bytes: int = MAX_BYTES) -> bytes:
 
 
 # EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose applies it).
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # kept beyond 8 bits until reduced
 
 
@@ -164,7 +185,9 @@ def to_gray(image: Image.Image) -> np.ndarray:
 
 def _border(gray: np.ndarray) -> np.ndarray:
     width = max(1, min(gray.shape) // 20)
-    return np.concatenate([gray[:width].ravel(), gray[-width:].ravel(), gray[:, :width].ravel(), gray[:, -width:].ravel()])
+    return np.concatenate(
+        [gray[:width].ravel(), gray[-width:].ravel(), gray[:, :width].ravel(), gray[:, -width:].ravel()]
+    )
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:

@@ -47,7 +47,7 @@ def average_views(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         return net(x)
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
-    batch = torch.cat([padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] for dy, dx in offsets])
+    batch = torch.cat([padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in offsets])
     return net(batch).unflatten(0, (len(offsets), -1)).mean(0)
 
 
@@ -57,18 +57,20 @@ def single_view(model: nn.Module) -> Iterator[nn.Module]:
     if not hasattr(model, "views"):
         yield model
         return
-    views, model.views = model.views, 1
+    views = model.views
+    setattr(model, "views", 1)  # noqa: B010 (mypy types nn.Module attributes as tensors or modules)
     try:
         yield model
     finally:
-        model.views = views
+        setattr(model, "views", views)  # noqa: B010
 
 
 class MLP(nn.Module):
     """Flatten → (Linear → BatchNorm → ReLU → Dropout) per hidden width → Linear."""
 
-    def __init__(self, hidden: Sequence[int], dropout: float, views: int = 1, in_features: int = 784,
-                 num_classes: int = 10):
+    def __init__(
+        self, hidden: Sequence[int], dropout: float, views: int = 1, in_features: int = 784, num_classes: int = 10
+    ):
         super().__init__()
         self.views = views
         layers: list[nn.Module] = [nn.Flatten()]
@@ -88,8 +90,14 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Stages of conv3×3-BN-ReLU (2×2 max-pool between stages) → global average pool → Linear."""
 
-    def __init__(self, channels: Sequence[Sequence[int]], dropout: float, views: int = 1, in_channels: int = 1,
-                 num_classes: int = 10):
+    def __init__(
+        self,
+        channels: Sequence[Sequence[int]],
+        dropout: float,
+        views: int = 1,
+        in_channels: int = 1,
+        num_classes: int = 10,
+    ):
         super().__init__()
         self.views = views
         layers: list[nn.Module] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -145,8 +146,9 @@ class Params(Section):
     def with_train(self, **changes: Any) -> Params:
         """A copy whose selected model's recipe has `changes` (tests, benchmarks)."""
         section = self.model_params
-        return self.model_copy(update={self.model: section.model_copy(
-            update={"train": section.train.model_copy(update=changes)})})
+        return self.model_copy(
+            update={self.model: section.model_copy(update={"train": section.train.model_copy(update=changes)})}
+        )
 
     def model_kwargs(self) -> dict[str, Any]:
         """The selected model's architecture, as keyword arguments for `models.build_model`."""
@@ -160,11 +162,22 @@ class Params(Section):
 
 # ---------------------------------------------------------------- one-line messages
 
-_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
-           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
-_EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "bool_type": "true or false",
-             "float_type": "a finite number", "finite_number": "a finite number", "string_type": "a string",
-             "tuple_type": "a list", "list_type": "a list"}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "float_type": "a finite number",
+    "finite_number": "a finite number",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
 
 
 def _key(loc: tuple[Any, ...]) -> str:
@@ -181,7 +194,7 @@ def _section_at(loc: tuple[Any, ...]) -> type[Section]:
     return cls
 
 
-def _expected(error: dict[str, Any]) -> str:
+def _expected(error: Mapping[str, Any]) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     if kind in _BOUNDS:
         name, symbol = _BOUNDS[kind]
@@ -194,7 +207,7 @@ def _expected(error: dict[str, Any]) -> str:
     return _EXPECTED.get(kind, error["msg"])
 
 
-def describe(error: dict[str, Any]) -> str:
+def describe(error: Mapping[str, Any]) -> str:
     """One pydantic error as the one-line message users see."""
     loc = tuple(error["loc"])
     key = _key(loc)
@@ -218,12 +231,15 @@ def parse_params(data: Any) -> Params:
     except ValidationError as exc:
         raise ParamsError(describe(exc.errors()[0])) from None
     if len(set(params.export.formats)) != len(params.export.formats):
-        raise ParamsError(f"params.yaml: export.formats = {list(params.export.formats)!r} is invalid: "
-                          "expected a list without repeats")
+        raise ParamsError(
+            f"params.yaml: export.formats = {list(params.export.formats)!r} is invalid: expected a list without repeats"
+        )
     train_size = DATASETS[params.dataset].train_size
     if params.data.val_size >= train_size:
-        raise ParamsError(f"params.yaml: data.val_size = {params.data.val_size!r} is invalid: "
-                          f"expected fewer than the {train_size} training images of {params.dataset}")
+        raise ParamsError(
+            f"params.yaml: data.val_size = {params.data.val_size!r} is invalid: "
+            f"expected fewer than the {train_size} training images of {params.dataset}"
+        )
     return params
 
 

@@ -57,8 +57,14 @@ def load_split(folder: Path, name: str) -> Split:
     if not isinstance(blob, dict) or set(blob) != {"images", "labels"}:
         raise DatasetError(f"{path}: expected a dict with 'images' and 'labels'")
     images, labels = blob["images"], blob["labels"]
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) or images.dtype != torch.uint8 \
-            or images.ndim != 3 or labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+    if (
+        not isinstance(images, torch.Tensor)
+        or not isinstance(labels, torch.Tensor)
+        or images.dtype != torch.uint8
+        or images.ndim != 3
+        or labels.dtype != torch.int64
+        or labels.shape != images.shape[:1]
+    ):
         raise DatasetError(
             f"{path}: expected uint8 images N×H×W and int64 labels N, got "
             f"{getattr(images, 'dtype', type(images).__name__)} {list(getattr(images, 'shape', []))} and "
@@ -82,11 +88,14 @@ def load_stats(folder: Path) -> Stats:
     number = (int, float)
     checks = {
         "dataset": isinstance(raw["dataset"], str),
-        "classes": isinstance(raw["classes"], list) and len(raw["classes"]) >= 2
+        "classes": isinstance(raw["classes"], list)
+        and len(raw["classes"]) >= 2
         and all(isinstance(c, str) for c in raw["classes"]),
         "mean": isinstance(raw["mean"], number) and not isinstance(raw["mean"], bool) and math.isfinite(raw["mean"]),
-        "std": isinstance(raw["std"], number) and not isinstance(raw["std"], bool)
-        and math.isfinite(raw["std"]) and raw["std"] > 0,
+        "std": isinstance(raw["std"], number)
+        and not isinstance(raw["std"], bool)
+        and math.isfinite(raw["std"])
+        and raw["std"] > 0,
         "counts": isinstance(raw["counts"], dict) and all(isinstance(v, int) for v in raw["counts"].values()),
     }
     bad = [name for name, ok in checks.items() if not ok]

@@ -37,13 +37,17 @@ def per_class_report(confusion: torch.Tensor, classes: list[str]) -> pd.DataFram
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
     return pd.DataFrame(
-        {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-         "support": actual.long().tolist()},
+        {
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": actual.long().tolist(),
+        },
         index=pd.Index(classes, name="class"),
     )
 
 
-def _round(x: float) -> float:
+def _round(x: float | torch.Tensor) -> float:
     # 6 significant decimals: enough to compare runs, and stable to print.
     return round(float(x), 6)
 
@@ -71,7 +75,10 @@ def classification_metrics(
 
 def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
     """One {actual, predicted} row per test image, the shape DVC's `confusion` template reads."""
-    return [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(labels.tolist(), predicted.tolist())]
+    return [
+        {"actual": classes[a], "predicted": classes[p]}
+        for a, p in zip(labels.tolist(), predicted.tolist(), strict=True)
+    ]
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -89,8 +96,9 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> N
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             if cm[i, j]:
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if i == j else "crimson")
+                ax.text(
+                    j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if i == j else "crimson"
+                )
     ax.set_xticks(range(len(classes)), classes, rotation=45 if max(map(len, classes)) > 2 else 0)
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
@@ -115,7 +123,7 @@ def plot_misclassified(
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, order.tolist()):
+    for ax, i in zip(axes.flat, order.tolist(), strict=False):
         ax.imshow(images[i].numpy(), cmap="gray_r")
         ax.set_title(f"{classes[labels[i]]}→{classes[predicted[i]]} {confidence[i]:.0%}", fontsize=8)
     fig.suptitle("Most confidently wrong test images (true→predicted confidence)", fontsize=10)
@@ -151,17 +159,29 @@ def plot_history(history: pd.DataFrame, path: Path) -> None:
     _save(history_figure(history), path)
 
 
-def plot_reliability(before: list[dict[str, float]], after: list[dict[str, float]], temperature: float,
-                     eces: tuple[float, float], path: Path) -> None:
+def plot_reliability(
+    before: list[dict[str, float]],
+    after: list[dict[str, float]],
+    temperature: float,
+    eces: tuple[float, float],
+    path: Path,
+) -> None:
     """Accuracy against confidence per bin (`calibration.reliability`), before and after the temperature."""
     fig = Figure(figsize=(6, 5))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
-    for rows, label, ece, style in ((before, "softmax as trained", eces[0], "o-"),
-                                    (after, f"÷ temperature {temperature:.3f}", eces[1], "s-")):
+    for rows, label, ece, style in (
+        (before, "softmax as trained", eces[0], "o-"),
+        (after, f"÷ temperature {temperature:.3f}", eces[1], "s-"),
+    ):
         kept = [r for r in rows if r["count"]]
-        ax.plot([r["confidence"] for r in kept], [r["accuracy"] for r in kept], style, markersize=4,
-                label=f"{label} (ECE {ece:.2%})")
+        ax.plot(
+            [r["confidence"] for r in kept],
+            [r["accuracy"] for r in kept],
+            style,
+            markersize=4,
+            label=f"{label} (ECE {ece:.2%})",
+        )
     ax.set_xlabel("confidence (mean of the bin)")
     ax.set_ylabel("accuracy in the bin")
     ax.set_xlim(0, 1)

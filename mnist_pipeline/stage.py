@@ -23,8 +23,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return result
 
 
-def parse(doc: str, configure: Callable[[argparse.ArgumentParser], None],
-          argv: list[str] | None) -> tuple[argparse.Namespace, Params]:
+def parse(
+    doc: str, configure: Callable[[argparse.ArgumentParser], object], argv: list[str] | None
+) -> tuple[argparse.Namespace, Params]:
     """Parse a stage's arguments and load (and so validate) the whole params file."""
     stage_parser = parser(doc)
     configure(stage_parser)
@@ -51,7 +52,7 @@ def package_modules() -> list[Path]:
     these files for its resume state, and tests/test_dvc_yaml.py checks that each
     stage's DVC deps are exactly these."""
     return sorted(
-        Path(module.__file__)
+        Path(file)
         for name, module in list(sys.modules.items())
-        if name.startswith("mnist_pipeline.") and getattr(module, "__file__", None)
+        if name.startswith("mnist_pipeline.") and (file := getattr(module, "__file__", None))
     )

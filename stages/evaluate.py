@@ -25,8 +25,15 @@ from mnist_pipeline.models import count_parameters
 def configure(parser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data_dir", type=Path)
-    for option in ("history", "metrics", "confusion", "confusion-png", "misclassified-png", "curves-png",
-                   "reliability-png"):
+    for option in (
+        "history",
+        "metrics",
+        "confusion",
+        "confusion-png",
+        "misclassified-png",
+        "curves-png",
+        "reliability-png",
+    ):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
 
@@ -60,16 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.metrics, metrics)
     predicted = logits.argmax(1)
     write_json(args.confusion, reports.confusion_rows(labels, predicted, classes))
-    reports.plot_confusion(reports.confusion_matrix(labels, predicted, len(classes)), classes,
-                           args.confusion_png)
+    reports.plot_confusion(reports.confusion_matrix(labels, predicted, len(classes)), classes, args.confusion_png)
     reports.plot_misclassified(images, labels, logits, classes, args.misclassified_png)
     reports.plot_history(history, args.curves_png)
     t = calibrated["temperature"]
-    reports.plot_reliability(reliable_before, reliable_after, t, (calibrated["ece_before"], calibrated["ece_after"]),
-                             args.reliability_png)
-    print(f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors of {metrics['samples']}), "
-          f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}; temperature {t} (fitted on val): "
-          f"ECE {calibrated['ece_before']:.2%} → {calibrated['ece_after']:.2%} → {args.metrics}")
+    reports.plot_reliability(
+        reliable_before, reliable_after, t, (calibrated["ece_before"], calibrated["ece_after"]), args.reliability_png
+    )
+    print(
+        f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors of {metrics['samples']}), "
+        f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}; temperature {t} (fitted on val): "
+        f"ECE {calibrated['ece_before']:.2%} → {calibrated['ece_after']:.2%} → {args.metrics}"
+    )
     return 0
 
 

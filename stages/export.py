@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from mnist_pipeline import export, exported, processed, stage
 from mnist_pipeline.checkpoint import load_checkpoint
@@ -40,8 +41,9 @@ def evaluated(path: Path) -> tuple[float, dict]:
         accuracy, calibrated = metrics["accuracy"], metrics["calibration"]
         temperature = calibrated["temperature"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: no test accuracy and calibration in it ({type(exc).__name__}: {exc}); "
-                           "run `dvc repro evaluate`") from None
+        raise DatasetError(
+            f"{path}: no test accuracy and calibration in it ({type(exc).__name__}: {exc}); run `dvc repro evaluate`"
+        ) from None
     if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0 <= accuracy <= 1:
         raise DatasetError(f"{path}: accuracy {accuracy!r} is not a number between 0 and 1; run `dvc repro evaluate`")
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < 1e3:
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     x = to_unit(sample)
     reference = model(x).detach().numpy()
 
-    report, files = {}, {}
+    report: dict[str, dict[str, Any]] = {}
+    files: dict[str, str] = {}
     for fmt in params.export.formats:
         path = args.out_dir / exported.FILE_NAMES[fmt]
         if fmt == "onnx":
@@ -70,31 +73,38 @@ def main(argv: list[str] | None = None) -> int:
             export.export_pt2(model, path, metadata)
         # This stage wrote the .pt2 itself a moment ago, so unpickling it is trusted.
         loaded = exported.load_model(path, trust_pickle=True)
-        report[fmt] = {**export.parity(reference, loaded.run(x.numpy())),
-                       "prepared_path": export.prepared_parity(model, loaded, sample)}
+        report[fmt] = {
+            **export.parity(reference, loaded.run(x.numpy())),
+            "prepared_path": export.prepared_parity(model, loaded, sample),
+        }
         files[path.name] = sha256_file(path)
-        print(f"{path}: max |Δlogit| {report[fmt]['max_abs_logit_diff']:.2e}, "
-              f"top-1 agreement {report[fmt]['top1_agreement']:.4f} on {report[fmt]['samples']} test images; "
-              f"through images.prepare: max |Δp| {report[fmt]['prepared_path']['max_abs_prob_diff']:.2e}")
+        print(
+            f"{path}: max |Δlogit| {report[fmt]['max_abs_logit_diff']:.2e}, "
+            f"top-1 agreement {report[fmt]['top1_agreement']:.4f} on {report[fmt]['samples']} test images; "
+            f"through images.prepare: max |Δp| {report[fmt]['prepared_path']['max_abs_prob_diff']:.2e}"
+        )
     write_json(args.metrics, report)
-    for fmt, result in report.items():
-        export.check_parity(result, fmt)
+    for name, result in report.items():
+        export.check_parity(result, name)
 
-    write_json(args.card, {
-        "model": ckpt.model,
-        "model_kwargs": ckpt.model_kwargs,
-        "parameters": count_parameters(model),  # the Standardise layer has none
-        "test_accuracy": accuracy,
-        "classes": ckpt.classes,
-        "normalisation": norm,
-        "calibration": calibrated,
-        "input": exported.INPUT_SPEC,
-        "training_params": ckpt.params,
-        "training_data_sha256": ckpt.data,
-        "best_validation": ckpt.best,
-        "files_sha256": files,
-        "parity": report,
-    })
+    write_json(
+        args.card,
+        {
+            "model": ckpt.model,
+            "model_kwargs": ckpt.model_kwargs,
+            "parameters": count_parameters(model),  # the Standardise layer has none
+            "test_accuracy": accuracy,
+            "classes": ckpt.classes,
+            "normalisation": norm,
+            "calibration": calibrated,
+            "input": exported.INPUT_SPEC,
+            "training_params": ckpt.params,
+            "training_data_sha256": ckpt.data,
+            "best_validation": ckpt.best,
+            "files_sha256": files,
+            "parity": report,
+        },
+    )
     return 0
 
 

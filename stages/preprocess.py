@@ -29,14 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     test_x, test_y = read_split(args.raw_dir, spec.test_images, spec.test_labels, len(spec.classes))
 
     train_idx, val_idx = stratified_split(train_y, params.data.val_size, params.seed)
-    splits = {"train": (train_x[train_idx], train_y[train_idx]), "val": (train_x[val_idx], train_y[val_idx]),
-              "test": (test_x, test_y)}
+    splits = {
+        "train": (train_x[train_idx], train_y[train_idx]),
+        "val": (train_x[val_idx], train_y[val_idx]),
+        "test": (test_x, test_y),
+    }
     mean, std = normalisation_stats(splits["train"][0])
-    stats = processed.Stats(dataset=params.dataset, classes=list(spec.classes), mean=mean, std=std,
-                            counts={name: len(labels) for name, (_, labels) in splits.items()})
+    stats = processed.Stats(
+        dataset=params.dataset,
+        classes=list(spec.classes),
+        mean=mean,
+        std=std,
+        counts={name: len(labels) for name, (_, labels) in splits.items()},
+    )
     processed.save(args.out_dir, splits, stats)
-    print(", ".join(f"{name}: {count} images" for name, count in stats.counts.items())
-          + f"; mean {mean:.4f}, std {std:.4f}")
+    print(
+        ", ".join(f"{name}: {count} images" for name, count in stats.counts.items())
+        + f"; mean {mean:.4f}, std {std:.4f}"
+    )
     return 0
 
 

@@ -50,22 +50,43 @@ def main(argv: list[str] | None = None) -> int:
     model = models.build_model(teacher.model, **teacher.model_kwargs())
     trainer = Trainer(model, train, val, teacher.train, stats.mean, stats.std, params.seed, device)
     print(f"teacher {teacher.model}: {models.count_parameters(model):,} parameters, {teacher.train.epochs} epochs")
-    seconds = trainer.fit(lambda s: print(f"teacher epoch {s.epoch:3d}/{teacher.train.epochs}  val acc "
-                                          f"{s.val_acc:.4f}", flush=True))
-    model.load_state_dict(trainer.best.state)
+    seconds = trainer.fit(
+        lambda s: print(f"teacher epoch {s.epoch:3d}/{teacher.train.epochs}  val acc {s.val_acc:.4f}", flush=True)
+    )
+    model.load_state_dict(trainer.best.weights())
     with models.single_view(model):
         logits = predict_logits(model, train[0], stats.mean, stats.std, 1000, device)
     best = trainer.best.summary()
     hashes = data_hashes({s: processed.split_path(args.data_dir, s) for s in ("train", "val")})
-    save_checkpoint(args.out / CHECKPOINT, Checkpoint(
-        model=teacher.model, model_kwargs=teacher.model_kwargs(), state_dict=trainer.best.state,
-        normalisation={"mean": stats.mean, "std": stats.std}, classes=stats.classes,
-        params={"seed": params.seed, "dataset": params.dataset, teacher.model: teacher.section(teacher.model),
-                "data": params.section("data")}, data=hashes, best=best))
+    save_checkpoint(
+        args.out / CHECKPOINT,
+        Checkpoint(
+            model=teacher.model,
+            model_kwargs=teacher.model_kwargs(),
+            state_dict=trainer.best.weights(),
+            normalisation={"mean": stats.mean, "std": stats.std},
+            classes=stats.classes,
+            params={
+                "seed": params.seed,
+                "dataset": params.dataset,
+                teacher.model: teacher.section(teacher.model),
+                "data": params.section("data"),
+            },
+            data=hashes,
+            best=best,
+        ),
+    )
     write_torch(args.out / LOGITS, logits)
-    write_json(args.metrics, {"teacher": teacher.model, "best_epoch": best["epoch"],
-                              "val_acc": round(best["val_acc"], 6), "val_loss": round(best["val_loss"], 6),
-                              "params": models.count_parameters(model)})
+    write_json(
+        args.metrics,
+        {
+            "teacher": teacher.model,
+            "best_epoch": best["epoch"],
+            "val_acc": round(best["val_acc"], 6),
+            "val_loss": round(best["val_loss"], 6),
+            "params": models.count_parameters(model),
+        },
+    )
     write_json(args.timing, {"train_seconds": round(seconds, 2), "device": str(device)})
     print(f"teacher best epoch {best['epoch']}: val acc {best['val_acc']:.4f}; {seconds:.1f} s → {args.out}")
     return 0

@@ -14,6 +14,7 @@ Environment: MNIST_DEVICE=cpu|cuda|mps overrides the detected device.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,8 +22,14 @@ import pandas as pd
 from dvclive import Live
 
 from mnist_pipeline import models, processed, stage
-from mnist_pipeline.checkpoint import (Checkpoint, ResumeStore, data_hashes, fingerprint, load_teacher_logits,
-                                      save_checkpoint)
+from mnist_pipeline.checkpoint import (
+    Checkpoint,
+    ResumeStore,
+    data_hashes,
+    fingerprint,
+    load_teacher_logits,
+    save_checkpoint,
+)
 from mnist_pipeline.engine import Distillation, EpochStats, Trainer, seed_everything, select_device
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import atomic_path, write_json
@@ -36,10 +43,46 @@ def configure(parser) -> None:
 
 def log_epoch(live: Live, stats: EpochStats) -> None:
     live.step = stats.epoch
-    for name, value in (("train/loss", stats.train_loss), ("train/acc", stats.train_acc),
-                        ("val/loss", stats.val_loss), ("val/acc", stats.val_acc), ("lr", stats.lr)):
+    for name, value in (
+        ("train/loss", stats.train_loss),
+        ("train/acc", stats.train_acc),
+        ("val/loss", stats.val_loss),
+        ("val/acc", stats.val_acc),
+        ("lr", stats.lr),
+    ):
         live.log_metric(name, value)
     live.next_step()
+
+
+def resume(trainer: Trainer, store: ResumeStore) -> int:
+    """Load the saved state of an interrupted run of the same inputs, if any; the epoch it starts after."""
+    try:
+        state = store.load()
+    except PipelineError as exc:
+        print(f"warning: ignoring unreadable resume state: {exc}", file=sys.stderr)
+        state = None
+    if state is not None:
+        trainer.load_state_dict(state)
+        print(f"resuming after epoch {trainer.epoch} from {store.path}")
+    return trainer.epoch
+
+
+def write_metrics(args: argparse.Namespace, trainer: Trainer, epochs: int, num_params: int) -> None:
+    """metrics/train.json (the best epoch) and the per-epoch history, both byte-stable."""
+    best = trainer.best.summary()
+    write_json(
+        args.metrics,
+        {
+            "best_epoch": best["epoch"],
+            "val_acc": round(best["val_acc"], 6),
+            "val_loss": round(best["val_loss"], 6),
+            "epochs_run": trainer.epoch,
+            "stopped_early": trainer.epoch < epochs,
+            "params": num_params,
+        },
+    )
+    with atomic_path(args.history) as tmp:
+        pd.DataFrame(trainer.history).to_csv(tmp, index=False, float_format="%.6f")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,24 +97,23 @@ def main(argv: list[str] | None = None) -> int:
         distill = Distillation(load_teacher_logits(args.teacher, len(train[0])), d.weight, d.temperature)
     inputs = {s: processed.split_path(args.data_dir, s) for s in ("train", "val")}
     hashes = data_hashes(inputs if distill is None else {**inputs, "teacher": args.teacher})
-    run_params = {"seed": params.seed, "dataset": params.dataset, "model": params.model,
-                  params.model: params.section(params.model), "data": params.section("data")}
+    run_params = {
+        "seed": params.seed,
+        "dataset": params.dataset,
+        "model": params.model,
+        params.model: params.section(params.model),
+        "data": params.section("data"),
+    }
     model = models.build_model(params.model, **params.model_kwargs())
     trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device, distill)
     num_params = models.count_parameters(model)
-    print(f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images, "
-          f"device {device}" + ("" if distill is None else f", distilled from the {params.teacher} teacher"))
+    print(
+        f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images, "
+        f"device {device}" + ("" if distill is None else f", distilled from the {params.teacher} teacher")
+    )
 
     store = ResumeStore(args.state_dir, fingerprint(run_params, hashes, stage.package_modules() + [Path(__file__)]))
-    try:
-        state = store.load()
-    except PipelineError as exc:
-        print(f"warning: ignoring unreadable resume state: {exc}", file=sys.stderr)
-        state = None
-    if state is not None:
-        trainer.load_state_dict(state)
-        print(f"resuming after epoch {trainer.epoch} from {store.path}")
-    start_epoch = trainer.epoch
+    start_epoch = resume(trainer, store)
 
     # DVCLive appends to its files rather than replacing them. That is safe here: DVC deletes
     # the dvclive/ output before the stage runs and records nothing from a stage that died, so
@@ -87,32 +129,50 @@ def main(argv: list[str] | None = None) -> int:
         store.save(trainer.state_dict())
         saved = s.epoch
         log_epoch(live, s)
-        print(f"epoch {s.epoch:3d}/{params.train.epochs}  train loss {s.train_loss:.4f} acc {s.train_acc:.4f}  "
-              f"val loss {s.val_loss:.4f} acc {s.val_acc:.4f}  lr {s.lr:.3g}", flush=True)
+        print(
+            f"epoch {s.epoch:3d}/{params.train.epochs}  train loss {s.train_loss:.4f} acc {s.train_acc:.4f}  "
+            f"val loss {s.val_loss:.4f} acc {s.val_acc:.4f}  lr {s.lr:.3g}",
+            flush=True,
+        )
 
     try:
         seconds = trainer.fit(on_epoch, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
-        kept = (f"the state after epoch {saved} is kept in {store.path}; run `dvc repro` again to resume"
-                if saved else "no epoch's state was saved yet; `dvc repro` starts over")
+        kept = (
+            f"the state after epoch {saved} is kept in {store.path}; run `dvc repro` again to resume"
+            if saved
+            else "no epoch's state was saved yet; `dvc repro` starts over"
+        )
         print(f"\ninterrupted: {kept}", file=sys.stderr)
         return 130
     finally:
         live.end()
 
     best = trainer.best.summary()
-    save_checkpoint(args.checkpoint, Checkpoint(
-        model=params.model, model_kwargs=params.model_kwargs(), state_dict=trainer.best.state,
-        normalisation={"mean": stats.mean, "std": stats.std}, classes=stats.classes, params=run_params,
-        data=hashes, best=best))
-    write_json(args.metrics, {"best_epoch": best["epoch"], "val_acc": round(best["val_acc"], 6),
-                              "val_loss": round(best["val_loss"], 6), "epochs_run": trainer.epoch,
-                              "stopped_early": trainer.epoch < params.train.epochs, "params": num_params})
-    with atomic_path(args.history) as tmp:
-        pd.DataFrame(trainer.history).to_csv(tmp, index=False, float_format="%.6f")
+    save_checkpoint(
+        args.checkpoint,
+        Checkpoint(
+            model=params.model,
+            model_kwargs=params.model_kwargs(),
+            state_dict=trainer.best.weights(),
+            normalisation={"mean": stats.mean, "std": stats.std},
+            classes=stats.classes,
+            params=run_params,
+            data=hashes,
+            best=best,
+        ),
+    )
+    write_metrics(args, trainer, params.train.epochs, num_params)
     images = len(train[0]) * (trainer.epoch - start_epoch)
-    write_json(args.timing, {"train_seconds": round(seconds, 2), "images_per_second": round(images / seconds, 1)
-                             if seconds else None, "resumed_from_epoch": start_epoch, "device": str(device)})
+    write_json(
+        args.timing,
+        {
+            "train_seconds": round(seconds, 2),
+            "images_per_second": round(images / seconds, 1) if seconds else None,
+            "resumed_from_epoch": start_epoch,
+            "device": str(device),
+        },
+    )
     store.clear()
     print(f"best epoch {best['epoch']}: val acc {best['val_acc']:.4f}; {seconds:.1f} s → {args.checkpoint}")
     return 0

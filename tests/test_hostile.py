@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import loadgen
-from mnist_pipeline import predict
+from mnist_pipeline.serving import predict
 from mnist_pipeline.images import FORMATS, MAX_PIXELS, ImageError, prepare_file
 
 BIN = Path(sys.executable).parent

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from helpers import synthetic_digits
-from mnist_pipeline import export, exported, predict
+from mnist_pipeline import export, exported
+from mnist_pipeline.serving import predict
 from mnist_pipeline.errors import ParityError
 from mnist_pipeline.images import ImageError, prepare_file
 from conftest import META
@@ -191,7 +192,7 @@ def test_console_script_runs_without_importing_torch(exported_models, inputs):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{inputs / 'good.png'}: ")
-    probe = ("import sys; from mnist_pipeline import predict; "
+    probe = ("import sys; from mnist_pipeline.serving import predict; "
              f"code = predict.main([{str(inputs / 'good.png')!r}, '--model', {str(folder / 'model.onnx')!r}]); "
              "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)

@@ -200,7 +200,7 @@ def test_concurrent_clients_all_succeed(server):
 
 
 def test_server_never_imports_torch(exported_models):
-    probe = ("import sys; from pathlib import Path; from mnist_pipeline.app import create_app; "
+    probe = ("import sys; from pathlib import Path; from mnist_pipeline.serving.app import create_app; "
              f"create_app(Path({str(exported_models[1] / 'model.onnx')!r})); "
              "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
