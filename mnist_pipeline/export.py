@@ -94,10 +94,14 @@ def png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def prepared_parity(model: nn.Module, loaded: Model, images: torch.Tensor) -> dict[str, float]:
-    """The served path against PyTorch: uint8 N×28×28 images as PNG files → `images.prepare` → the
-    exported file's `probabilities`, and the deployable PyTorch `model` on the same prepared digits."""
-    digits = np.stack([prepare(png(image)) for image in images.numpy()])
+def served_inputs(images: torch.Tensor) -> np.ndarray:
+    """uint8 N×28×28 images as a user sends them, PNG files, through `images.prepare`: N×28×28 in [0, 1]."""
+    return np.stack([prepare(png(image)) for image in images.numpy()])
+
+
+def prepared_parity(model: nn.Module, loaded: Model, digits: np.ndarray) -> dict[str, float]:
+    """The served path against PyTorch: the exported file's `probabilities` of `served_inputs`, and the
+    deployable PyTorch `model` on the same prepared digits."""
     served = loaded.probabilities(digits)
     with torch.no_grad():
         reference = model(torch.from_numpy(digits)[:, None]).double().softmax(1).numpy()

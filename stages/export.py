@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = images[: params.export.parity_samples]
     x = to_unit(sample)
     reference = model(x).detach().numpy()
+    digits = export.served_inputs(sample)  # prepared once: every format is compared on the same digits
 
     report: dict[str, dict[str, Any]] = {}
     files: dict[str, str] = {}
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = exported.load_model(path, trust_pickle=True)
         report[fmt] = {
             **export.parity(reference, loaded.run(x.numpy())),
-            "prepared_path": export.prepared_parity(model, loaded, sample),
+            "prepared_path": export.prepared_parity(model, loaded, digits),
         }
         files[path.name] = sha256_file(path)
         print(

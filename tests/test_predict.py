@@ -203,11 +203,11 @@ def test_served_path_matches_pytorch_and_catches_a_second_normalisation(exported
     model, folder = exported_models
     images, _ = synthetic_digits(20, seed=7)
     loaded = exported.load_model(folder / "model.onnx")
-    report = export.prepared_parity(model, loaded, images)
+    report = export.prepared_parity(model, loaded, export.served_inputs(images))
     assert report["top1_agreement"] == 1.0 and report["max_abs_prob_diff"] <= 1e-5 and report["samples"] == 20
     # Had the numpy side normalised the digits again (the rule written twice), the check would say so.
     twice = exported.Model(lambda x: loaded.run((x - 0.13) / 0.31), loaded.classes)
-    worse = export.prepared_parity(model, twice, images)
+    worse = export.prepared_parity(model, twice, export.served_inputs(images))
     with pytest.raises(ParityError, match="through images.prepare"):
         export.check_parity({"top1_agreement": 1.0, "max_abs_logit_diff": 0.0, "prepared_path": worse}, "onnx")
 
