@@ -17,20 +17,25 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mnist_pipeline.datasets import DATASETS
-from mnist_pipeline.processed import SPLITS, Stats, load_split, load_stats
+from mnist_pipeline.engine import Distillation, Trainer, predict_logits, seed_everything
 from mnist_pipeline.fileio import write_json
-from mnist_pipeline.params import Params, load_params
+from mnist_pipeline.models import build_model, count_parameters
+from mnist_pipeline.params import Params, apply_overrides, load_params
+from mnist_pipeline.processed import SPLITS, Stats, load_split, load_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = shutil.which("dvc") or "dvc"
@@ -154,10 +159,124 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def clone(folder: Path, name: str) -> Path:
-    """A clone of this repository at HEAD in folder/name, sharing this workspace's DVC cache, its outputs checked out."""
+def clone(folder: Path, name: str, shared_cache: bool = True) -> Path:
+    """A fresh clone of this repository at HEAD in folder/name. With `shared_cache`, it uses this workspace's
+    DVC cache and its outputs are checked out; without, it starts as a newcomer's clone does: nothing cached."""
     repo = folder / name
     run(["git", "clone", "-q", str(ROOT), str(repo)], folder)
-    run([DVC, "config", "--local", "cache.dir", str(ROOT / ".dvc" / "cache")], repo)
-    run([DVC, "checkout", "-q"], repo)
+    if shared_cache:
+        run([DVC, "config", "--local", "cache.dir", str(ROOT / ".dvc" / "cache")], repo)
+        run([DVC, "checkout", "-q"], repo)
     return repo
+
+
+def timed_stages(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
+    """Run a `dvc repro`: (its wall seconds, {stage: seconds from its "Running stage" line to the next})."""
+    start = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+    output = []
+    with subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if found := re.match(r"Running stage '([^']+)'", line):
+                marks.append((found[1], time.perf_counter()))
+    total = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(output)}")
+    ends = [t for _, t in marks[1:]] + [start + total]
+    return total, {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends, strict=True)}
+
+
+# ---------------------------------------------------------------- training recipes at several seeds
+
+SEEDS = (1, 2, 3, 4, 5)
+VIEWS = (1, 5, 9)
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """`dvc exp run -S` overrides of params.yaml; `teacher` names the recipe whose model of the same
+    seed it distils from (its logits for the train split, one inference pass, count to its seconds)."""
+
+    name: str
+    lever: str
+    overrides: list[str]
+    teacher: str | None = None
+    distill: tuple[float, float] = (0.0, 1.0)  # (weight, temperature)
+    model: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", "cnn" if "model=cnn" in self.overrides else "mlp")
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return round(float((logits.argmax(1) == labels).double().mean()), 4)
+
+
+def train_and_score(recipe: Recipe, seed: int, data: dict, norm: Stats,
+                    teachers: dict[tuple[str, int], nn.Module]) -> tuple[dict, nn.Module]:
+    """Seed, build, train (as the train stage does) and score one recipe: val and test accuracy with 1, 5
+    and 9 test-time views of the kept epoch's weights; with its model, to be a later recipe's teacher."""
+    params = apply_overrides(defaults(), recipe.overrides + [f"seed={seed}"])
+    seed_everything(seed)
+    model = build_model(params.model, **params.model_kwargs())
+    distill, teacher_pass = None, 0.0
+    if recipe.teacher:
+        start = time.perf_counter()
+        logits = predict_logits(teachers[recipe.teacher, seed], data["train"][0], norm.mean, norm.std, 1000, CPU)
+        teacher_pass = time.perf_counter() - start
+        distill = Distillation(logits, *recipe.distill)
+    trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, seed, CPU, distill)
+    seconds = trainer.fit() + teacher_pass
+    model.load_state_dict(trainer.best.weights())  # the checkpoint the train stage would write
+    row: dict[str, float | int] = {"seed": seed, "train_seconds": round(seconds, 2), "best_epoch": trainer.best.epoch}
+    for views in VIEWS:
+        model.views = views
+        for split in ("val", "test"):
+            x, y = data[split]
+            row[f"{split}_acc_views{views}"] = accuracy(predict_logits(model, x, norm.mean, norm.std, 1000, CPU), y)
+    model.views = 1
+    print(f"  {recipe.name} seed {seed}: {seconds:.1f} s, val {row['val_acc_views1']:.4f}, "
+          f"test {row['test_acc_views1']:.4f} (5 views {row['test_acc_views5']:.4f}, "
+          f"9 views {row['test_acc_views9']:.4f})", flush=True)
+    return row, model
+
+
+def summarise(recipe: Recipe, runs: list[dict], params: int) -> dict:
+    """A recipe's runs with mean ± std of each figure over the seeds."""
+    def stat(key: str) -> dict:
+        values = [r[key] for r in runs]
+        return {"mean": round(statistics.mean(values), 5), "std": round(statistics.stdev(values), 5)}
+
+    return {"name": recipe.name, "model": recipe.model, "lever": recipe.lever, "overrides": recipe.overrides,
+            "teacher": recipe.teacher, "distill": list(recipe.distill) if recipe.teacher else None,
+            "params": params, "seeds": runs, "train_seconds": stat("train_seconds"),
+            **{f"{split}_acc_views{v}": stat(f"{split}_acc_views{v}") for v in VIEWS for split in ("val", "test")}}
+
+
+def measure(recipes: list[Recipe], seeds: tuple[int, ...] = SEEDS,
+            after_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every recipe at every seed, seed by seed (seed 1 of each, then seed 2, …) so that the machine's drift
+    over the run falls on all alike; a teacher recipe must come before its students. `after_round` gets the
+    summaries after each round from the second on (a mean ± std needs two seeds)."""
+    data, norm = processed(), stats()
+    teachers: dict[tuple[str, int], nn.Module] = {}
+    runs: dict[str, list[dict]] = {r.name: [] for r in recipes}
+    sizes: dict[str, int] = {}
+    summaries: list[dict] = []
+    for seed in seeds:
+        for recipe in recipes:
+            if seed == seeds[0]:
+                print(f"{recipe.name}: `dvc exp run {' '.join('-S ' + o for o in recipe.overrides)}`", flush=True)
+            row, model = train_and_score(recipe, seed, data, norm, teachers)
+            runs[recipe.name].append(row)
+            sizes[recipe.name] = count_parameters(model)
+            teachers[recipe.name, seed] = model
+        if seed != seeds[0]:
+            summaries = [summarise(r, runs[r.name], sizes[r.name]) for r in recipes]
+            if after_round:
+                after_round(summaries)
+    return summaries

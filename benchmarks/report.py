@@ -1,24 +1,43 @@
-"""Render benchmarks/results/*.json as results/results.md and the README's results section.
+"""Render the results files into the blocks of README.md, docs/*.md and benchmarks/README.md.
 
-    python benchmarks/report.py
+    python benchmarks/report.py            # rewrite every block (and docs/frontier.png)
+    python benchmarks/report.py --check    # exit 1 if a block differs from its rendering, or quotes a stale file
 
-Each README block lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` markers and
-is replaced wholesale, so the README shows what the benchmarks measured: `headline` (the
-opening paragraph's figures), `serve` (serving under load, with its goals), `sweep` (Ray
-against `dvc queue`) and `results` (everything, with where each figure comes from).
+A block lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` and is replaced wholesale, so a
+document shows what the benchmarks measured. A results file names the commit of the code that
+produced it. It is stale when anything it measured changed since: its script, benchmarks/common.py,
+params.yaml, dvc.yaml or the package (`git diff COMMIT HEAD -- …`). `--check` fails on a stale file
+that a block in README.md or docs/ quotes; benchmarks/README.md lists every file with its state.
+Archived decision records (benchmarks/archive/) are history: quoted with their commit, never stale.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import common
-from common import load
 
-FRONTIER_PNG = common.ROOT / "docs" / "frontier.png"
+ROOT = common.ROOT
+ARCHIVE = ROOT / "benchmarks" / "archive" / "results"
+FRONTIER_PNG = ROOT / "docs" / "frontier.png"
 GOALS = {"cnn": (0.996, "CNN ≤ 20,000 parameters: ≥ 99.6 % mean test accuracy over seeds 1–5"),
          "mlp": (0.992, "MLP: ≥ 99.2 % mean over seeds 1–5")}
+# What a results file measured, besides its own script: a change to any of these makes it stale.
+MEASURED = ["benchmarks/common.py", "params.yaml", "dvc.yaml", "mnist_pipeline"]
+# The script behind each results file, where it is not bench_<name>.py.
+SCRIPTS: dict[str, str] = {}
+DOCUMENTS = ["README.md", "docs", "benchmarks/README.md"]
+
+
+def load(name: str, folder: Path = common.RESULTS) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def pct(x: float | None) -> str:
@@ -29,164 +48,109 @@ def secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f} s"
 
 
-# The script behind each results file, where it is not bench_<name>.py.
-SCRIPTS = {"sweep": "benchmarks/seed_sweep.py"}
-
-
 def script_of(name: str) -> str:
     return SCRIPTS.get(name, f"benchmarks/bench_{name}.py")
 
 
-def trace(name: str, result: dict) -> str:
-    """How a results file's figures trace to code: its commit, and whether that commit holds the
-    benchmark as it is now (a file measured before its script's last change is stale)."""
+def staleness(name: str, result: dict) -> str | None:
+    """Why a results file no longer describes the code at HEAD, or None when it does."""
     commit = str(result.get("commit", "unknown"))
     if result.get("dirty", False):
-        return f"`{commit[:7]}` + uncommitted changes (diff sha256 {str(result.get('diff_sha256'))[:12]}): not traceable"
-    script = script_of(name)
+        return f"measured on uncommitted changes to `{commit[:7]}`"
+    paths = [script_of(name), *MEASURED]
     try:
-        changed = subprocess.run(["git", "log", "--format=%h", f"{commit}..HEAD", "--", script],
-                                 cwd=common.ROOT, capture_output=True, text=True, check=True).stdout.split()
+        changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *paths], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        return f"`{commit[:7]}`: not in this repository's history"
+        return f"`{commit[:7]}` is not in this repository's history"
     if changed:
-        return f"`{commit[:7]}`: stale, `{script}` changed since (in {', '.join(changed[-1:])}); re-measure"
-    return f"`{commit[:7]}`"
+        shown = ", ".join(f"`{c}`" for c in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        return f"{shown} changed since `{commit[:7]}`"
+    return None
 
 
-def provenance() -> list[str]:
-    lines = ["", "Where each figure comes from (results file: the commit whose code produced it):", ""]
-    for path in sorted(common.RESULTS.glob("*.json")):
-        lines.append(f"- `{path.name}`: {trace(path.stem, json.loads(path.read_text()))}")
-    return lines
+# ---------------------------------------------------------------- the README's blocks
 
 
-def render() -> str:
-    train, dvc, inference, sweep = load("train"), load("dvc"), load("inference"), load("sweep")
-    any_result = next(r for r in (train, dvc, inference, sweep) if r)
-    m = any_result["machine"]
-    lines = [f"Measured on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
-             f"Python {m['python']}, torch {m['torch']}, no GPU. Regenerate with the commands in "
-             "`benchmarks/` and `python benchmarks/report.py`.", ""]
-    lines += ["| model | params | test accuracy (seed 42) | seeds 1–3: mean ± std | training loop | full `dvc repro` |",
-              "|---|---|---|---|---|---|"]
-    for model in ("mlp", "cnn"):
-        d = (dvc or {}).get("metrics", {}).get(model, {})
-        s = (sweep or {}).get("experiments", {}).get(model)
-        spread = f"{s['mean']:.2%} ± {s['std']:.2%}" if s else "–"
-        lines.append(f"| {model} | {d.get('params', '–'):,} | {pct(d.get('test_accuracy'))} | {spread} | "
-                     f"{secs(d.get('train_seconds'))} | {secs((dvc or {}).get('full_repro_seconds', {}).get(model))} |")
-    if train:
-        lines += ["", f"Training loop against a tutorial per-sample DataLoader with `num_workers=0` and with "
-                      f"`num_workers=2` (persistent workers), same model and recipe, same run, epochs including "
-                      f"validation on both sides; fp32 matmul rate measured at {train['matmul_gflops']} GFLOP/s:", "",
-                  "| model | s/epoch (ours) | s/epoch (tutorial, 0 workers) | s/epoch (tutorial, 2 workers) | speed-up "
-                  "(vs 0 / 2 workers) | images/s (ours) | time to target val accuracy "
-                  "| train FLOPs/image | share of matmul rate |", "|---|---|---|---|---|---|---|---|---|"]
-        for model, e in train["models"].items():
-            targets = ", ".join(f"{float(k.rsplit('_', 1)[1]):.1%}: {secs(v)}" for k, v in e["project"].items()
-                                if k.startswith("seconds_to"))
-            two = e.get("baseline_workers2", {}).get("seconds_per_epoch")
-            lines.append(f"| {model} | {e['project']['seconds_per_epoch']:.2f} | {e['baseline']['seconds_per_epoch']:.2f} "
-                         f"| {'–' if two is None else f'{two:.2f}'} | {e['epoch_speedup']:.1f}× / {e.get('epoch_speedup_vs_workers2', 0):.1f}× "
-                         f"| {e['project']['images_per_second']:,.0f} | {targets} | "
-                         f"{e['train_flops_per_image'] / 1e6:.1f} M | {e['fraction_of_matmul_rate']:.0%} |")
-    if inference:
-        t, c = inference["throughput_images_per_second"], inference["cold_start_seconds"]
-        lines += ["", f"Inference ({inference['model']}): onnxruntime {t['batch_1000']['onnxruntime']:,} img/s vs "
-                      f"PyTorch eager {t['batch_1000']['pytorch_eager']:,} img/s in batches of 1,000 "
-                      f"({t['batch_1000']['ratio']}×); batch 1: {t['batch_1']['onnxruntime']:,} vs "
-                      f"{t['batch_1']['pytorch_eager']:,} img/s. `mnist-predict` on one image: "
-                      f"{c['mnist_predict']:.2f} s cold start (a bare `import torch` takes {c['python_import_torch']:.2f} s)."]
-        views = inference.get("views")
-        if views:
-            one = views["1"]
-            rates = "; ".join(f"{n} view{'s' * (n != '1')}: {v['batch_1000']:,} img/s in batches of 1,000 "
-                              f"({v['batch_1000'] / one['batch_1000']:.2f}×), {v['batch_1']:,} one at a time "
-                              f"({v['batch_1'] / one['batch_1']:.2f}×)" for n, v in views.items())
-            lines += ["", f"What test-time views cost at inference (the same weights exported with 1, 5 and 9 "
-                          f"views, onnxruntime, same run): {rates}."]
-    if dvc:
-        lines += ["", f"No-op `dvc repro`: {dvc['noop_repro_seconds']:.2f} s (`dvc version` alone: "
-                      f"{dvc['dvc_version_seconds']:.2f} s)."]
-        per_stage = dvc.get("stage_seconds")
-        if per_stage:
-            names = list(dict.fromkeys(name for model in per_stage.values() for name in model))
-            lines += ["", "Full `dvc repro` per stage, from a fresh copy with an empty cache (each stage from DVC's "
-                          "\"Running stage\" line to the next, so DVC's hashing of its outputs counts to it)"
-                          + (f"; this machine's fp32 matmul rate during that run: {dvc['matmul_gflops']} GFLOP/s"
-                             if "matmul_gflops" in dvc else "") + ":", "",
-                      "| model | " + " | ".join(names) + " | total |", "|---|" + "---|" * (len(names) + 1)]
-            for model, stages in per_stage.items():
-                lines.append(f"| {model} | " + " | ".join(secs(stages.get(n)) for n in names)
-                             + f" | {secs(dvc['full_repro_seconds'][model])} |")
-    export = load("export")
-    if export:
-        labels = {"dynamo": "`dynamo=True` (shipped)", "dynamo_no_optimize": "without the optimizer",
-                  "from_exported_program": "from a shared `torch.export` trace",
-                  "legacy_torchscript": "legacy TorchScript exporter (deprecated, to be removed)"}
-        ways = "; ".join(f"{labels[way]}: " + ", ".join(f"{model} {export['models'][model][way]['cold_process_seconds']:.1f} s"
-                                                        for model in export["models"]) for way in labels)
-        lines += ["", f"ONNX export, one fresh process each (imports included), parity ≤ 1e-4 for all: {ways}."]
-    canonical = load("canonical")
-    if canonical and "speedup_with_search" in canonical:
-        ours, theirs = canonical["pipeline"], canonical["canonical"]
-        lines += ["", f"Seconds of training to {canonical['target_test_accuracy']:.0%} test accuracy against the "
-                      f"canonical PyTorch example (pytorch/examples `mnist/main.py`'s recipe, same run): pipeline "
-                      f"{secs(ours['mean_seconds_to_target'])}, the mean of seeds "
-                      f"{', '.join(str(s['seed']) for s in ours['seeds'])} ({ours['reached']} reached it; mean test "
-                      f"accuracy {pct(ours['mean_test_acc'])}; {ours['params']:,} parameters, "
-                      f"`{' '.join('-S ' + o for o in canonical['fast_recipe'])}`, chosen on validation among "
-                      f"{len(canonical['candidates'])} candidates), example {secs(theirs['seconds_to_target'])} "
-                      f"(its seed 1, {theirs['params']:,} parameters, {len(theirs['epochs'])} epochs) → "
-                      f"{canonical['speedup']}×; counting the recipe search ({secs(ours['search_seconds'])} of "
-                      f"training) → {canonical['speedup_with_search']}×."]
-        peer = canonical.get("peer")
-        if peer:
-            lines += ["", f"Against the fastest public recipe (tuomaso/train_mnist_fast's final notebook, "
-                          f"{peer['params']:,} parameters, one epoch), same run, seeds "
-                          f"{', '.join(str(r['seed']) for r in peer['seeds'])}: {secs(peer['mean_train_seconds'])} "
-                          f"of training, mean test accuracy {pct(peer['mean_test_acc'])} ({peer['reached']} at 99 %); "
-                          f"the pipeline's one-epoch recipe takes {peer['pipeline_time_ratio']}× its time "
-                          f"(goal of issue 19: ≤ 0.5× with a mean of at least 99.0 %: **"
-                          f"{'met' if peer['pipeline_time_ratio'] <= 0.5 and ours['mean_test_acc'] >= 0.99 else 'missed'}**)."]
-    remote, queue = load("remote"), load("queue")
-    if remote:
-        lines += ["", f"Full artifact set over an ssh DVC remote on loopback ({remote['objects']} objects, "
-                      f"{remote['megabytes']} MB): `dvc push` {remote['push_seconds_median']:.1f} s, `dvc pull` "
-                      f"{remote['pull_seconds_median']:.1f} s; `scp -r` of the same objects "
-                      f"{remote['scp_seconds_median']:.1f} s (push {remote['push_vs_scp']}×, pull {remote['pull_vs_scp']}× "
-                      f"scp's time; medians of {remote['repeats']})."]
-    if queue:
-        runs = "; ".join(f"{label}: {r['seconds']:.1f} s ({r['speedup_vs_j1']}×)" for label, r in queue["sweeps"].items())
-        lines += ["", f"`dvc queue` on {queue['experiments']} experiments of {queue['epochs']} epochs: {runs}. "
-                      f"Best: {queue['best']}."]
-    return "\n".join(lines + provenance()) + "\n"
+def shipped(r: dict, name: str) -> dict:
+    return next(row for row in r["shipped"] if row["recipe"] == name)
 
 
-def shipped(r: dict, model: str) -> dict:
-    """defaults.json's leaderboard row for params.yaml's recipe of `model`, at the views it ships with."""
-    views = r["params"][model]["views"]
-    name = f"{model}-default" + ("" if views == 1 else f"+views{views}")
-    return next(row for row in r["leaderboard"] if row["recipe"] == name)
+def figures(row: dict) -> str:
+    acc = row["test_acc"]
+    return f"{pct(acc['mean'])} ± {pct(acc['std'])}"
 
 
 def headline() -> str:
-    """The opening figures: params.yaml's recipes as defaults.json measured them at seeds 1–5."""
+    """The opening figures: the default as a fresh clone runs it, and the record recipes."""
+    r, first = load("defaults"), load("first_run")
+    if not r or not first:
+        return ""
+    mlp, cnn, distilled = (shipped(r, n) for n in ("mlp-default", "cnn", "mlp-distilled"))
+    return (f"On a 2-core CPU a fresh clone's `dvc repro` takes {secs(first['median_seconds'])} and gives an MLP with "
+            f"{figures(mlp)} test accuracy (mean ± std over seeds 1–5). The record recipes are one command away: "
+            f"the {cnn['params']:,}-parameter CNN reaches {figures(cnn)} with {secs(cnn['total_train_seconds'])} of "
+            f"training, the MLP distilled from it {figures(distilled)} with "
+            f"{secs(distilled['total_train_seconds'])} (its teacher's included); see [Results](#results).\n")
+
+
+def first_run() -> str:
+    r = load("first_run")
+    if not r:
+        return ""
+    stages = {name: statistics.median(run["stages"].get(name, 0.0) for run in r["runs"])
+              for name in r["runs"][0]["stages"]}
+    parts = ", ".join(f"{name} {secs(t)}" for name, t in stages.items())
+    return (f"The first line takes {secs(r['median_seconds'])} on this project's 2-core CI machine once the "
+            f"packages are installed (median of {r['repeats']} fresh clones with `MNIST_MIRROR`: {parts}; "
+            f"`python benchmarks/bench_first_run.py`). Every stage pays {secs(r['import_torch_seconds'])} for "
+            f"`import torch` there. The outputs: `metrics/*.json` and `plots/` (the numbers and figures), "
+            f"`models/export/model.onnx` (the model `mnist-predict` and `mnist-serve` use), `models/checkpoint.pt`.\n")
+
+
+def results() -> str:
     r = load("defaults")
     if not r:
         return ""
-    mlp, cnn = shipped(r, "mlp"), shipped(r, "cnn")
+    m = r["machine"]
+    lines = [f"Seeds {', '.join(map(str, r['seeds']))}, each a fresh model, trained as the train stage trains it, "
+             f"seed by seed through the recipes in one run (`python benchmarks/bench_defaults.py`, `defaults.json`; "
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}). Training seconds are the mean over the seeds and "
+             "include the per-epoch validation pass; a distilled model's include its teacher's.", "",
+             "| recipe | command | params | test accuracy | val accuracy | training |", "|---|---|---|---|---|---|"]
+    commands = {"mlp-default": "`dvc repro`", "cnn": "`dvc exp run -S model=cnn`",
+                "mlp-distilled": "[docs/frontier.md](docs/frontier.md#the-record-recipes)"}
+    for row in r["shipped"]:
+        teacher = f" ({secs(row['train_seconds'])} + teacher {secs(row['teacher_seconds'])})" \
+            if row["teacher_seconds"] else ""
+        lines.append(f"| `{row['recipe']}` ({row['views']} views) | {commands[row['recipe']]} | {row['params']:,} | "
+                     f"{figures(row)} | {pct(row['val_acc']['mean'])} | "
+                     f"{secs(row['total_train_seconds'])}{teacher} |")
+    return "\n".join(lines) + "\n"
 
-    def figures(row: dict) -> str:
-        return (f"{pct(row['test_acc']['mean'])} ± {pct(row['test_acc']['std'])} test accuracy over seeds 1–5 "
-                f"with {secs(row['train_seconds'])} of training")
 
-    teacher = (f" (distilled from that CNN, trained once by the teacher stage)"
-               if r["params"]["mlp"]["train"]["distill"]["teacher"] != "none" else "")
-    return (f"On a 2-core CPU the {cnn['params']:,}-parameter CNN (`-S model=cnn`) reaches {figures(cnn)}, and the "
-            f"default MLP{teacher} {figures(mlp)} (`defaults.json`; see "
-            f"[The accuracy frontier](#the-accuracy-frontier)).\n")
+def records() -> str:
+    """docs/frontier.md: the record recipes' commands, from the overrides defaults.json measured."""
+    r = load("defaults")
+    if not r:
+        return ""
+    lines = []
+    for name in ("cnn", "mlp-distilled"):
+        row = shipped(r, name)
+        overrides = " ".join(f"-S {o}" for o in row["overrides"])
+        lines += [f"- `{name}`: {figures(row)} test accuracy over seeds 1–5, {secs(row['total_train_seconds'])} of "
+                  "training" + (" counting its teacher's" if row["teacher_seconds"] else "") + ":", "",
+                  f"  ```bash\n  dvc exp run {overrides}\n  ```", ""]
+    return "\n".join(lines)
+
+
+def fashion() -> str:
+    r = load("fashion_mnist")
+    if not r:
+        return ""
+    return (f"With Debian's `dataset-fashion-mnist` package, `{r['command']}` reached {pct(r['test_accuracy'])} "
+            f"Fashion-MNIST test accuracy at seed {r['seed']} with the {r['params']:,}-parameter CNN in "
+            f"{secs(r['experiment_seconds'])} (`python benchmarks/bench_fashion_mnist.py`, `fashion_mnist.json`).\n")
 
 
 def ms(x: float) -> str:
@@ -292,17 +256,21 @@ def frontier_plot(r: dict) -> None:
     plt.close(fig)
 
 
-def frontier_block() -> str:
-    r = load("frontier")
+def frontier_block(draw: bool = True) -> str:
+    r = load("frontier", ARCHIVE)
     if not r:
         return ""
-    frontier_plot(r)
+    m = r["machine"]
+    if draw:
+        frontier_plot(r)
     by_name = {row["recipe"]: row for row in r["leaderboard"]}
-    lines = [f"Every recipe at seeds {', '.join(map(str, r['seeds']))}, each a fresh model, beside today's recipes "
-             "in the same run (`python benchmarks/bench_frontier.py`, `frontier.json`); training seconds include "
+    lines = [f"An archived decision record (`benchmarks/archive/bench_frontier.py`, `archive/results/frontier.json`, "
+             f"measured at `{r['commit'][:7]}` on a machine with a {m['cores']}-core {m['cpu']}): every recipe at seeds "
+             f"{', '.join(map(str, r['seeds']))}, each a fresh model, beside the recipes of that day "
+             "in the same run; training seconds include "
              "the per-epoch validation pass; a *views* column is the same trained models scored with that many "
              "test-time views (`-S <model>.views=N`, inference ×N).", "",
-             "![accuracy against training seconds and parameters](docs/frontier.png)", "",
+             "![accuracy against training seconds and parameters](frontier.png)", "",
              "| recipe | lever | params | training s (× today's) | test, 1 view | 5 views | 9 views | val, 1 view |",
              "|---|---|---|---|---|---|---|---|"]
     for recipe in r["recipes"]:
@@ -315,29 +283,7 @@ def frontier_block() -> str:
                      + f" | {100 * recipe['val_acc_views1']['mean']:.2f} |")
     chosen = ", ".join(f"{model}: `{name}`" for model, name in r["chosen_on_val"].items())
     lines += ["", f"Chosen on mean validation accuracy among the rows within their time budget: {chosen}. "
-                  "params.yaml's defaults are those recipes."]
-    d = load("defaults")
-    if d:
-        lines += ["", f"params.yaml's recipes as shipped, against the recipes they replaced (params.yaml at "
-                      f"`{d['before'][:7]}`), seeds 1–5, same run (`python benchmarks/bench_defaults.py`, "
-                      "`defaults.json`):", "",
-                  "| recipe | params | training s (× before) | test accuracy | val accuracy |", "|---|---|---|---|---|"]
-        for model in ("cnn", "mlp"):
-            before = next(row for row in d["leaderboard"] if row["recipe"] == f"{model}-before")
-            for row in (before, shipped(d, model)):
-                teacher = f" + teacher {secs(row['teacher_seconds'])} once" if row["teacher_seconds"] else ""
-                lines.append(f"| `{row['recipe']}` | {row['params']:,} | {secs(row['train_seconds'])} "
-                             f"({row['time_ratio']}×){teacher} | {pct(row['test_acc']['mean'])} ± "
-                             f"{pct(row['test_acc']['std'])} | {pct(row['val_acc'])} |")
-        lines += ["", "Goals (issue 19), each within its time budget (CNN 1.5×, MLP 2× the recipe before, same run):"]
-        for model, (goal, text) in GOALS.items():
-            row = shipped(d, model)
-            met = row["test_acc"]["mean"] >= goal and row["within_budget"]
-            lines.append(f"- {text}: **{'met' if met else 'missed'}**: {row['test_acc']['mean']:.2%} at "
-                         f"{row['time_ratio']}× the time.")
-    return "\n".join(lines) + "\n"
-
-
+                  "Those became the record recipes below."]
     return "\n".join(lines) + "\n"
 
 
@@ -368,19 +314,106 @@ def replace_block(text: str, name: str, body: str) -> str:
     return head + start + "\n" + body + end + rest.split(end, 1)[1]
 
 
-def main() -> None:
-    body = render()
-    frontier = frontier_block()
-    (common.RESULTS / "results.md").write_text("# Benchmark results\n\n" + body + "\n" + serve() + "\n" + sweep_block()
-                                               + "\n" + frontier)
-    readme = common.ROOT / "README.md"
-    text = readme.read_text()
-    for name, block in (("headline", headline()), ("serve", serve()), ("sweep", sweep_block()),
-                        ("frontier", frontier), ("fast", fast_block()), ("results", body)):
-        text = replace_block(text, name, block)
-    readme.write_text(text)
-    print(body)
+# ---------------------------------------------------------------- benchmarks/README.md
+
+
+WHEN = {
+    "defaults": "params.yaml's recipes, the training code or the data changed",
+    "first_run": "anything a `dvc repro` runs changed: stages, params, dvc.yaml, the package",
+    "canonical": "the training code or the CNN recipe changed",
+    "serve": "serving, images or the exported model changed",
+    "sweep_cluster": "mnist-sweep, the Ray or DVC versions, or the MLP recipe changed",
+    "fashion_mnist": "the CNN recipe or the datasets registry changed",
+    "train": "the training loop or data pipeline changed",
+    "inference": "export, exported-model loading or test-time views changed",
+}
+
+
+def status() -> str:
+    lines = ["| benchmark | results file | measured at | state | rerun when |", "|---|---|---|---|---|"]
+    for path in sorted(common.RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        why = staleness(path.stem, result)
+        state = "current" if why is None else f"stale: {why}"
+        lines.append(f"| `{script_of(path.stem)}` | `{path.name}` | `{str(result.get('commit'))[:7]}` | {state} | "
+                     f"{WHEN.get(path.stem, '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- blocks, documents and the check
+
+# block name → (renderer, the results files it quotes)
+BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
+    "frontier": (frontier_block, []),  # archive/results/frontier.json: history
+    "headline": (headline, ["defaults", "first_run"]),
+    "first-run": (first_run, ["first_run"]),
+    "results": (results, ["defaults"]),
+    "records": (records, ["defaults"]),
+    "fast": (fast_block, ["canonical"]),
+    "serve": (serve, ["serve"]),
+    "sweep": (sweep_block, ["sweep_cluster"]),
+    "fashion": (fashion, ["fashion_mnist"]),
+    "status": (status, []),
+}
+
+
+def documents() -> list[Path]:
+    found = []
+    for entry in DOCUMENTS:
+        path = ROOT / entry
+        found += sorted(path.glob("*.md")) if path.is_dir() else [path]
+    return [p for p in found if p.exists()]
+
+
+def blocks_in(text: str) -> list[str]:
+    return [name for name in BLOCKS if f"<!-- {name}:start -->" in text]
+
+
+def rendered(text: str, renderings: dict[str, str]) -> str:
+    for name in blocks_in(text):
+        text = replace_block(text, name, renderings[name])
+    return text
+
+
+def check(renderings: dict[str, str]) -> list[str]:
+    problems = []
+    for doc in documents():
+        text = doc.read_text()
+        if rendered(text, renderings) != text:
+            problems.append(f"{doc.relative_to(ROOT)}: a block differs from its rendering: run "
+                            "`python benchmarks/report.py` and commit the result")
+        if doc.name == "README.md" and doc.parent.name == "benchmarks":
+            continue  # the status table lists stale files on purpose
+        for name in blocks_in(text):
+            for quoted in BLOCKS[name][1]:
+                result = load(quoted)
+                why = staleness(quoted, result) if result else "no results file"
+                if why:
+                    problems.append(f"{doc.relative_to(ROOT)}: block `{name}` quotes {quoted}.json, which is "
+                                    f"stale ({why}): re-measure with `python {script_of(quoted)}`")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 on a stale block or file")
+    args = parser.parse_args(argv)
+    renderings = {name: render() for name, (render, _) in BLOCKS.items() if name != "frontier"}
+    renderings["frontier"] = frontier_block(draw=not args.check)
+    if args.check:
+        problems = check(renderings)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(documents())} documents, {len(problems)} problems")
+        return 1 if problems else 0
+    for doc in documents():
+        text = doc.read_text()
+        new = rendered(text, renderings)
+        if new != text:
+            doc.write_text(new)
+            print(f"rewrote {doc.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,7 +27,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-import common
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 from mnist_pipeline.models import build_model
 
 WAYS = ("dynamo", "dynamo_no_optimize", "from_exported_program", "legacy_torchscript")

@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import common
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 from mnist_pipeline.models import CNN
 
 BATCH, ROUNDS, STEPS = 256, 7, 10

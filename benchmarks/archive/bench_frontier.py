@@ -24,33 +24,18 @@ The test set picks nothing: `choose` ranks recipes by mean validation accuracy.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from dataclasses import dataclass, field
 
-import torch
 
-import common
-from mnist_pipeline.engine import Distillation, Trainer, predict_logits, seed_everything
-from mnist_pipeline.models import build_model, count_parameters
-from mnist_pipeline.params import apply_overrides
+import sys
+from pathlib import Path
 
-SEEDS = (1, 2, 3, 4, 5)
-VIEWS = (1, 5, 9)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
+from common import SEEDS, VIEWS, Recipe  # noqa: E402
+
 BUDGET = {"cnn": 1.5, "mlp": 2.0}  # training time allowed, × today's recipe of the same model
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    lever: str
-    overrides: list[str]
-    teacher: str | None = None  # a recipe name: distillation from its model of the same seed
-    distill: tuple[float, float] = (0.0, 1.0)  # (weight, temperature)
-    model: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model", "cnn" if "model=cnn" in self.overrides else "mlp")
 
 
 CNN = ["model=cnn"]
@@ -76,50 +61,6 @@ RECIPES = [
     Recipe("cnn-details", "optimizer details: lighter label smoothing, shorter warm-up",
            CNN + ["cnn.train.label_smoothing=0.05", "cnn.train.warmup=0.15"]),
 ]
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return round(float((logits.argmax(1) == labels).double().mean()), 4)
-
-
-def run_seed(recipe: Recipe, seed: int, data: dict, norm, teachers: dict) -> tuple[dict, torch.nn.Module]:
-    params = apply_overrides(common.defaults(), recipe.overrides + [f"seed={seed}"])
-    seed_everything(seed)
-    model = build_model(params.model, **params.model_kwargs())
-    distill, teacher_pass = None, 0.0
-    if recipe.teacher:
-        start = time.perf_counter()
-        logits = predict_logits(teachers[recipe.teacher, seed], data["train"][0], norm.mean, norm.std, 1000,
-                                torch.device("cpu"))
-        teacher_pass = time.perf_counter() - start
-        distill = Distillation(logits, *recipe.distill)
-    trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, seed,
-                      torch.device("cpu"), distill)
-    seconds = trainer.fit() + teacher_pass
-    model.load_state_dict(trainer.best.state)  # the checkpoint the train stage would write
-    row = {"seed": seed, "train_seconds": round(seconds, 2), "best_epoch": trainer.best.epoch}
-    for views in VIEWS:
-        model.views = views
-        for split in ("val", "test"):
-            x, y = data[split]
-            logits = predict_logits(model, x, norm.mean, norm.std, 1000, torch.device("cpu"))
-            row[f"{split}_acc_views{views}"] = accuracy(logits, y)
-    model.views = 1
-    print(f"  {recipe.name} seed {seed}: {seconds:.1f} s, val {row['val_acc_views1']:.4f}, "
-          f"test {row['test_acc_views1']:.4f} (5 views {row['test_acc_views5']:.4f}, "
-          f"9 views {row['test_acc_views9']:.4f})", flush=True)
-    return row, model
-
-
-def summarise(recipe: Recipe, runs: list[dict], params: int) -> dict:
-    def stat(key: str) -> dict:
-        values = [r[key] for r in runs]
-        return {"mean": round(statistics.mean(values), 5), "std": round(statistics.stdev(values), 5)}
-
-    return {"name": recipe.name, "model": recipe.model, "lever": recipe.lever, "overrides": recipe.overrides,
-            "teacher": recipe.teacher, "distill": list(recipe.distill) if recipe.teacher else None,
-            "params": params, "seeds": runs, "train_seconds": stat("train_seconds"),
-            **{f"{split}_acc_views{v}": stat(f"{split}_acc_views{v}") for v in VIEWS for split in ("val", "test")}}
 
 
 def leaderboard(recipes: list[dict]) -> list[dict]:
@@ -157,7 +98,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[r.name for r in RECIPES], help="run these recipes only")
     args = parser.parse_args()
-    data, norm = common.processed(), common.stats()
     kept = {}
     if args.only:
         previous = common.load("frontier")
@@ -167,28 +107,18 @@ def main() -> None:
     needed = {r.teacher for r in wanted if r.teacher} - {r.name for r in wanted}
     if needed:
         parser.error(f"a teacher's models are kept in memory only: run {', '.join(sorted(needed))} too")
-    teachers: dict[tuple[str, int], torch.nn.Module] = {}
-    teacher_names = {r.teacher for r in wanted if r.teacher}
-    runs: dict[str, list[dict]] = {r.name: [] for r in wanted}
-    sizes: dict[str, int] = {}
     started = time.perf_counter()
-    for seed in SEEDS:
-        for recipe in wanted:
-            if seed == SEEDS[0]:
-                print(f"{recipe.name}: `dvc exp run {' '.join('-S ' + o for o in recipe.overrides)}`", flush=True)
-            row, model = run_seed(recipe, seed, data, norm, teachers)
-            runs[recipe.name].append(row)
-            sizes[recipe.name] = count_parameters(model)
-            if recipe.name in teacher_names:
-                teachers[recipe.name, seed] = model
-        if seed == SEEDS[0]:
-            continue  # a mean ± std needs two seeds
-        done = {**kept, **{r.name: summarise(r, runs[r.name], sizes[r.name]) for r in wanted}}
+
+    def save(summaries: list[dict]) -> None:
+        done = {**kept, **{r["name"]: r for r in summaries}}
         recipes = [done[r.name] for r in RECIPES if r.name in done]
         rows = leaderboard(recipes)
         common.save("frontier", {"seeds": list(SEEDS), "budget_vs_baseline": BUDGET, "recipes": recipes,
                                  "leaderboard": rows, "chosen_on_val": choose(rows),
                                  "bench_seconds": round(time.perf_counter() - started, 1)})
+
+    common.measure(wanted, after_round=save)
+
 
 if __name__ == "__main__":
     main()

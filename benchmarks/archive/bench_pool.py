@@ -18,7 +18,12 @@ import statistics
 
 import torch
 
-import common
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 from bench_ops import cnn_pool_last
 from mnist_pipeline.engine import Trainer, predict_logits, seed_everything
 from mnist_pipeline.models import CNN, count_parameters

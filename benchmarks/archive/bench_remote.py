@@ -17,12 +17,15 @@ import argparse
 import importlib.util
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import common
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 
 DVC = shutil.which("dvc") or "dvc"
 
@@ -34,16 +37,9 @@ def _sshd():
     return module
 
 
-def sh(args: list[str], cwd: Path) -> str:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
-
-
 def timed(args: list[str], cwd: Path) -> float:
     start = time.perf_counter()
-    sh(args, cwd)
+    common.run(args, cwd)
     return time.perf_counter() - start
 
 
@@ -59,27 +55,26 @@ def main() -> None:
     cache = common.ROOT / ".dvc" / "cache"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        a = work / "a"
-        sh(["git", "clone", "-q", str(common.ROOT), str(a)], work)
-        sh([DVC, "remote", "add", "workspace-cache", str(cache)], a)  # a DVC 3 cache is laid out like a remote
-        sh([DVC, "pull", "-r", "workspace-cache"], a)
-        sh([DVC, "remote", "remove", "workspace-cache"], a)
-        if "up to date" not in sh([DVC, "status"], a):
+        a = common.clone(work, "a", shared_cache=False)
+        common.run([DVC, "remote", "add", "workspace-cache", str(cache)], a)  # a DVC 3 cache is laid out like a remote
+        common.run([DVC, "pull", "-r", "workspace-cache"], a)
+        common.run([DVC, "remote", "remove", "workspace-cache"], a)
+        if "up to date" not in common.run([DVC, "status"], a):
             raise SystemExit("this workspace's cache lacks outputs of the committed dvc.lock: run `dvc repro` first")
         with _sshd().sshd(work / "sshd") as server:
             push, pull, scp = [], [], []
             for i in range(args.repeats):
                 remote = work / f"remote-{i}"
-                sh([DVC, "remote", "add", "-f", "-d", "storage", server.url(remote)], a)
-                sh([DVC, "remote", "modify", "--local", "storage", "keyfile", str(server.key)], a)
+                common.run([DVC, "remote", "add", "-f", "-d", "storage", server.url(remote)], a)
+                common.run([DVC, "remote", "modify", "--local", "storage", "keyfile", str(server.key)], a)
                 push.append(timed([DVC, "push"], a))
                 files, size = folder_size(remote)
                 b = work / f"b-{i}"
-                sh(["git", "clone", "-q", str(a), str(b)], work)
-                sh(["cp", str(a / ".dvc" / "config"), str(b / ".dvc" / "config")], work)
-                sh([DVC, "remote", "modify", "--local", "storage", "keyfile", str(server.key)], b)
+                common.run(["git", "clone", "-q", str(a), str(b)], work)
+                common.run(["cp", str(a / ".dvc" / "config"), str(b / ".dvc" / "config")], work)
+                common.run([DVC, "remote", "modify", "--local", "storage", "keyfile", str(server.key)], b)
                 pull.append(timed([DVC, "pull"], b))
-                if "up to date" not in sh([DVC, "status"], b):
+                if "up to date" not in common.run([DVC, "status"], b):
                     raise SystemExit("the pulled clone is not up to date")
                 scp.append(timed(["scp", "-q", "-r", "-i", str(server.key), "-P", str(server.port),
                                   "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,10 @@ from pathlib import Path
 
 import yaml
 
-import common
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 
 DVC = shutil.which("dvc") or "dvc"
 
@@ -35,24 +37,6 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple
     if result.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
     return time.perf_counter() - start, result.stdout
-
-
-def timed_stages(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, dict[str, float]]:
-    """Run a `dvc repro`, timing each stage from its "Running stage" line to the next."""
-    start = time.perf_counter()
-    marks: list[tuple[str, float]] = []
-    output = []
-    with subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            output.append(line)
-            if found := re.match(r"Running stage '([^']+)'", line):
-                marks.append((found[1], time.perf_counter()))
-    total = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{''.join(output)}")
-    ends = [t for _, t in marks[1:]] + [start + total]
-    return total, {name: round(end - begin, 1) for (name, begin), end in zip(marks, ends)}
 
 
 def fresh_copy(dest: Path, model: str) -> None:
@@ -86,7 +70,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             repo = Path(tmp)
             fresh_copy(repo, model)
-            seconds, stages = timed_stages([DVC, "repro"], repo, env)
+            seconds, stages = common.timed_stages([DVC, "repro"], repo, env)
             timing = json.loads((repo / "logs" / "train_timing.json").read_text())
             evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
             results["full_repro_seconds"][model] = round(seconds, 1)

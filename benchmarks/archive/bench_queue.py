@@ -19,22 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import common
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+
+import common  # noqa: E402
 
 DVC = shutil.which("dvc") or "dvc"
 CONFIGS = [("j1 x all threads", 1, None), ("j2 x 1 thread", 2, "1"), ("j2 x all threads", 2, None)]
-
-
-def sh(args: list[str], repo: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
 
 
 def main() -> None:
@@ -45,24 +41,23 @@ def main() -> None:
     if "MNIST_MIRROR" not in os.environ:
         raise SystemExit("set MNIST_MIRROR (the benchmark downloads real MNIST into a fresh clone)")
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        repo = common.clone(Path(tmp), "repo", shared_cache=False)
         env["PYTHONPATH"] = str(repo)
-        subprocess.run(["git", "clone", "-q", str(common.ROOT), str(repo)], check=True)
-        sh([DVC, "repro", "preprocess"], repo, env)  # the data, once
+        common.run([DVC, "repro", "preprocess"], repo, env)  # the data, once
         rows, seed = {}, 100
         for label, workers, threads in CONFIGS:
             for _ in range(args.experiments):
                 seed += 1
-                sh([DVC, "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"mlp.train.epochs={args.epochs}",
+                common.run([DVC, "exp", "run", "--queue", "-S", f"seed={seed}", "-S", f"mlp.train.epochs={args.epochs}",
                     "-n", f"q{seed}"], repo, env)
             run_env = {**env, **({"OMP_NUM_THREADS": threads} if threads else {})}
             start = time.perf_counter()
-            sh([DVC, "queue", "start", "-j", str(workers)], repo, run_env)
-            while any(s in sh([DVC, "queue", "status"], repo, env) for s in ("Queued", "Running")):
+            common.run([DVC, "queue", "start", "-j", str(workers)], repo, run_env)
+            while any(s in common.run([DVC, "queue", "status"], repo, env) for s in ("Queued", "Running")):
                 time.sleep(1)
             seconds = time.perf_counter() - start
-            failed = sh([DVC, "queue", "status"], repo, env).count("Failed")
+            failed = common.run([DVC, "queue", "status"], repo, env).count("Failed")
             rows[label] = {"workers": workers, "omp_num_threads": threads or "unset (all cores)",
                            "seconds": round(seconds, 1), "seconds_per_experiment": round(seconds / args.experiments, 1),
                            "failed": failed}

@@ -18,16 +18,14 @@ import subprocess
 import sys
 import time
 
-import common
+from pathlib import Path
 
-DVC = "dvc"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 
+import common  # noqa: E402
 
 def dvc(*args: str) -> str:
-    result = subprocess.run([DVC, *args], cwd=common.ROOT, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result.stdout
+    return common.run([common.DVC, *args], common.ROOT)
 
 
 def experiments(shown: list[dict]) -> list[dict]:
