@@ -26,6 +26,10 @@ def work(tmp_path_factory):
     work = tmp_path_factory.mktemp("stage-errors")
     pins = write_mirror(work / "raw", n_train=300, n_test=50, compressed=False)
     params = {**PARAMS, "data": {"val_size": 50}}
+    # The MLP distils from the CNN here, as the record recipe does: the teacher stage then reads the
+    # splits, and the train stage the teacher's logits, so their bad inputs are reached.
+    mlp_train = params["mlp"]["train"]
+    params["mlp"] = {**params["mlp"], "train": {**mlp_train, "distill": {**mlp_train["distill"], "teacher": "cnn"}}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     result = subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"),
                              str(work / "data"), "--params", str(work / "params.yaml")], capture_output=True, text=True)
@@ -97,7 +101,7 @@ CASES = {
     "train: split file truncated": lambda w: (
         "train", train_args(w, (lambda d: ((d / "val.pt").write_bytes(b"PK\x03\x04"), d)[1])(copy_data(w, "d2"))),
         {}, "val.pt: not a readable tensor file"),
-    # params.yaml's MLP distils from the CNN: its teacher's logits must cover the training images.
+    # The MLP distils (see `work`): its teacher's logits must cover the training images.
     "train: teacher logits missing": lambda w: ("train", train_args(w, copy_data(w, "d3"), w / "no-teacher.pt"), {},
                                                 "no-teacher.pt: teacher logits file not found"),
     "train: teacher logits for other data": lambda w: (
