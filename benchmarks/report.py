@@ -52,14 +52,14 @@ def script_of(name: str) -> str:
     return SCRIPTS.get(name, f"benchmarks/bench_{name}.py")
 
 
-def staleness(name: str, result: dict) -> str | None:
-    """Why a results file no longer describes the code at HEAD, or None when it does."""
+def staleness(name: str, result: dict, root: Path = ROOT) -> str | None:
+    """Why a results file no longer describes the code at HEAD of `root`, or None when it does."""
     commit = str(result.get("commit", "unknown"))
     if result.get("dirty", False):
         return f"measured on uncommitted changes to `{commit[:7]}`"
     paths = [script_of(name), *MEASURED]
     try:
-        changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *paths], cwd=ROOT,
+        changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *paths], cwd=root,
                                  capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         return f"`{commit[:7]}` is not in this repository's history"

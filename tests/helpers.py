@@ -142,8 +142,11 @@ def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
 
 def benchmark_module(name: str):
     """A module of benchmarks/ (not a package), loaded by path under a name of its own."""
+    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their neighbours (`import common`)
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -11,6 +11,7 @@ from helpers import benchmark_module
 
 
 common = benchmark_module("common")
+report = benchmark_module("report")
 
 
 def git(repo: Path, *args: str) -> str:
@@ -60,3 +61,44 @@ def test_code_changed_during_the_run_is_refused(repo):
     git(repo, "commit", "-qam", "y")  # even committed: the run started on other code
     with pytest.raises(SystemExit, match="changed while it ran"):
         common.traced(started, common.provenance(repo), allow_dirty=False)
+
+
+@pytest.fixture
+def measured(tmp_path):
+    """A repository whose benchmark measured its package at the first commit."""
+    for path, text in {"benchmarks/bench_x.py": "print(1)\n", "mnist_pipeline/engine.py": "A = 1\n",
+                       "params.yaml": "seed: 1\n", "dvc.yaml": "stages: {}\n", "README.md": "# x\n"}.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    git(tmp_path, "init", "-q", "-b", "main")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "measured")
+    return tmp_path, {"commit": git(tmp_path, "rev-parse", "HEAD"), "dirty": False}
+
+
+@pytest.mark.parametrize("path", ["benchmarks/bench_x.py", "mnist_pipeline/engine.py", "params.yaml", "dvc.yaml",
+                                  "mnist_pipeline/feedback/new.py"])
+def test_a_results_file_is_stale_once_anything_it_measured_changed(measured, path):
+    repo, result = measured
+    assert report.staleness("x", result, repo) is None
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text("changed\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "change")
+    assert f"`{path}` changed since `{result['commit'][:7]}`" in report.staleness("x", result, repo)
+
+
+def test_prose_and_results_do_not_make_a_results_file_stale(measured):
+    repo, result = measured
+    (repo / "README.md").write_text("# y\n")
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "benchmarks" / "results" / "x.json").write_text("{}")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "prose")
+    assert report.staleness("x", result, repo) is None
+
+
+def test_a_dirty_or_unknown_measurement_is_stale(measured):
+    repo, result = measured
+    assert "uncommitted" in report.staleness("x", {**result, "dirty": True}, repo)
+    assert "not in this repository" in report.staleness("x", {"commit": "0" * 40, "dirty": False}, repo)
