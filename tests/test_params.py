@@ -1,4 +1,5 @@
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,10 @@ def test_model_names_are_the_model_registry():
 @pytest.mark.parametrize("text, expected", [("1e-3", 0.001), ("5e-4", 0.0005), ("1E-3", 0.001), ("2.5e+1", 25.0)])
 def test_scientific_learning_rates_are_numbers(tmp_path, text, expected):
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text().replace("  lr: 0.1 ", f"  lr: {text} "))
+    # The first `lr:` is the default model's (mlp comes first in params.yaml).
+    content, replaced = re.subn(r"(?m)^(\s+lr: )\S+", rf"\g<1>{text}", (ROOT / "params.yaml").read_text(), count=1)
+    assert replaced == 1
+    path.write_text(content)
     assert load_params(path).train.lr == expected
 
 
