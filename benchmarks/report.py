@@ -287,25 +287,6 @@ def frontier_block(draw: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fast_block() -> str:
-    """The README's quick-demo recipe, from canonical.json: its command and what it did."""
-    r = load("canonical")
-    if not r or "peer" not in r:
-        return ""
-    ours, peer = r["pipeline"], r["peer"]
-    seconds = sum(s["epochs"][-1]["train_seconds"] for s in ours["seeds"]) / len(ours["seeds"])
-    # Brackets are shell glob characters: quote those overrides.
-    overrides = " ".join(f"-S '{o}'" if "[" in o else f"-S {o}" for o in r["fast_recipe"])
-    return (f"A 99 % model in a few seconds, for a demo or a quick check of a change: the CNN without its weight "
-            f"average and augmentation, chosen on the validation split among {len(r['candidates'])} short recipes "
-            f"as the fastest to clear {r['target_test_accuracy'] + r.get('margin', 0.0):.1%} ({secs(seconds)} of training on "
-            f"average here, {pct(ours['mean_test_acc'])} mean test accuracy over seeds 1–5, {ours['reached']} at "
-            f"99 % or more; the search that chose it cost {secs(ours['search_seconds'])} of training). The fastest "
-            f"public recipe, tuomaso/train_mnist_fast's, took {secs(peer['mean_train_seconds'])} for "
-            f"{pct(peer['mean_test_acc'])} in the same run (`benchmarks/results/canonical.json`):\n\n"
-            f"```bash\ndvc exp run {overrides}\n```\n")
-
-
 def replace_block(text: str, name: str, body: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if not body or start not in text or end not in text:
@@ -349,7 +330,6 @@ BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
     "first-run": (first_run, ["first_run"]),
     "results": (results, ["defaults"]),
     "records": (records, ["defaults"]),
-    "fast": (fast_block, ["canonical"]),
     "serve": (serve, ["serve"]),
     "sweep": (sweep_block, ["sweep_cluster"]),
     "fashion": (fashion, ["fashion_mnist"]),
