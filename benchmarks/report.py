@@ -193,6 +193,22 @@ def serve() -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_block() -> str:
+    r = load("sweep_cluster")
+    if not r:
+        return ""
+    expected = ", ".join(f"{n} machine{'s' * (int(n) > 1)}: {secs(t)}" for n, t in r["expected_seconds_on_n_machines"].items())
+    return (f"The same {r['trials']} real-MNIST trials (`{' '.join('-S ' + g for g in r['grid'])}`) both ways on this "
+            f"2-core machine (`python benchmarks/bench_sweep.py`, `sweep_cluster.json`): "
+            f"`OMP_NUM_THREADS=1 dvc queue start -j 2` {secs(r['queue_seconds'])}, `mnist-sweep --cpus-per-trial 1` "
+            f"(the local default, 2 trials at a time) {secs(r['sweep_seconds'])}: **{r['sweep_vs_queue']}×** the "
+            f"queue's time (goal ≤ 1.2×: **{'met' if r['sweep_vs_queue'] <= 1.2 else 'missed'}**). Fixed costs: Ray's "
+            f"start {secs(r['ray_start_seconds'])}; a trial that trains nothing (clone, `dvc exp run` finding every "
+            f"stage up to date, `dvc push`, `dvc exp push`) {secs(r['fixed_seconds_per_trial'])}; a trial here took "
+            f"{secs(r['mean_trial_seconds'])} on average. Expected for this sweep on N such machines (2 trials each "
+            f"at a time): {expected}. GPU: {r['gpu']}.\n")
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both axes (less x, more y), by increasing x."""
     front, best = [], -1.0
@@ -315,6 +331,7 @@ BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
     "results": (results, ["defaults"]),
     "records": (records, ["defaults"]),
     "serve": (serve, ["serve"]),
+    "sweep": (sweep_block, ["sweep_cluster"]),
     "fashion": (fashion, ["fashion_mnist"]),
     "status": (status, []),
 }
