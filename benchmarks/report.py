@@ -355,13 +355,23 @@ def rendered(text: str, renderings: dict[str, str]) -> str:
     return text
 
 
+def render_all(draw: bool) -> dict[str, str]:
+    """Every block's text; `draw` also redraws docs/frontier.png."""
+    renderings = {name: render() for name, (render, _) in BLOCKS.items() if name != "frontier"}
+    renderings["frontier"] = frontier_block(draw=draw)
+    return renderings
+
+
+def unrendered(renderings: dict[str, str]) -> list[Path]:
+    """The documents whose committed blocks differ from `renderings`."""
+    return [doc for doc in documents() if rendered(doc.read_text(), renderings) != doc.read_text()]
+
+
 def check(renderings: dict[str, str]) -> list[str]:
-    problems = []
+    problems = [f"{doc.relative_to(ROOT)}: a block differs from its rendering: run `python benchmarks/report.py` "
+                "and commit the result" for doc in unrendered(renderings)]
     for doc in documents():
         text = doc.read_text()
-        if rendered(text, renderings) != text:
-            problems.append(f"{doc.relative_to(ROOT)}: a block differs from its rendering: run "
-                            "`python benchmarks/report.py` and commit the result")
         for name in blocks_in(text):
             for quoted in BLOCKS[name][1]:
                 result = load(quoted)
@@ -380,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 on a stale block or file")
     args = parser.parse_args(argv)
-    renderings = {name: render() for name, (render, _) in BLOCKS.items() if name != "frontier"}
-    renderings["frontier"] = frontier_block(draw=not args.check)
+    renderings = render_all(draw=not args.check)
     if args.check:
         problems = check(renderings)
         for problem in problems:
