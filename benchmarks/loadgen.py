@@ -49,13 +49,15 @@ def heavy_files() -> list[tuple[str, str, str, bytes]]:
             + [("file", f"large{i}.png", "image/png", large) for i in range(8)])
 
 
-def multipart(files: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
-    """(body, content type) for form fields [(field, file name, content type, bytes), …]."""
+def multipart(files: list[tuple[str, str, str, bytes]], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """(body, content type) for form fields [(field, file name, content type, bytes), …] and plain `fields`."""
     boundary = uuid.uuid4().hex
     parts = []
     for field, name, kind, data in files:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
                      f"Content-Type: {kind}\r\n\r\n".encode() + data + b"\r\n")
+    for field, value in (fields or {}).items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 

@@ -144,3 +144,21 @@ def random_affine(
     if elastic > 0:  # drawn after the affine parameters, so a run without it draws the same numbers as before
         grid = grid + elastic_field(n, h, w, elastic, elastic_sigma, generator, x)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def with_corrections(
+    train: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, repeat: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split with users' admitted corrections appended `repeat` times (appended, so the
+    split's own images keep their indices, and an empty set returns the split itself)."""
+    if len(labels) == 0:
+        return train
+    return (
+        torch.cat([train[0], images.repeat(repeat, 1, 1)]),
+        torch.cat([train[1], labels.repeat(repeat)]),
+    )
+
+
+def label_logits(labels: torch.Tensor, classes: int, margin: float = 10.0) -> torch.Tensor:
+    """Stand-in teacher logits that agree with `labels` (for corrections the teacher never saw)."""
+    return torch.nn.functional.one_hot(labels, classes).float() * margin

@@ -108,6 +108,17 @@ class ExportParams(Section):
     parity_samples: Int = Field(ge=1)
 
 
+class FeedbackParams(Section):
+    use: StrictBool  # train on the admitted corrections; false trains on MNIST alone (the user split is still scored)
+    defence: StrictBool  # false: naive ingest, every correction admitted (for comparison)
+    user_split: Float = Field(ge=0.0, le=1.0)  # share of submitters held out for evaluation
+    min_prob: Probability  # a label the answering model gave less probability is implausible
+    max_implausible: Probability  # a submitter with a larger share of implausible labels loses all of them
+    min_records: Int = Field(ge=1)  # ... once they have at least this many
+    max_per_submitter: Int = Field(ge=1)  # records admitted per submitter, the earliest
+    repeat: Int = Field(ge=1, le=100)  # times each admitted correction is shown per epoch
+
+
 class Params(Section):
     # torch.manual_seed takes seeds below 2**64.
     seed: Int = Field(ge=0, lt=2**64)
@@ -118,6 +129,7 @@ class Params(Section):
     data: DataParams
     evaluate: EvaluateParams
     export: ExportParams
+    feedback: FeedbackParams
 
     @property
     def model_params(self) -> MLPParams | CNNParams:

@@ -73,6 +73,22 @@ def classification_metrics(
     }
 
 
+def users_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict[str, Any]:
+    """Accuracy and calibration (ECE with the val-fitted temperature) on the users' held-out digits."""
+    from mnist_pipeline.calibration import expected_calibration_error
+
+    if len(labels) == 0:
+        return {"samples": 0, "accuracy": None, "errors": None, "ece": None}
+    errors = int((logits.argmax(1) != labels).sum())
+    probs = F.softmax(logits.double() / temperature, dim=1)
+    return {
+        "samples": len(labels),
+        "accuracy": _round(1 - errors / len(labels)),
+        "errors": errors,
+        "ece": _round(expected_calibration_error(probs, labels)),
+    }
+
+
 def confusion_rows(labels: torch.Tensor, predicted: torch.Tensor, classes: list[str]) -> list[dict[str, str]]:
     """One {actual, predicted} row per test image, the shape DVC's `confusion` template reads."""
     return [

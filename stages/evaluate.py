@@ -1,9 +1,11 @@
 """evaluate stage: score the checkpoint on the test split.
 
 Params: evaluate (batch_size).
-Reads: CHECKPOINT, DATA_DIR/test.pt, DATA_DIR/val.pt (only to fit the temperature), HISTORY.
-Writes: --metrics (accuracy, loss, macro F1, per-class precision/recall/F1, errors, params, and
-`calibration`: the temperature fitted on val, test ECE and NLL before and after it), --confusion
+Reads: CHECKPOINT, DATA_DIR/test.pt, DATA_DIR/val.pt (only to fit the temperature), HISTORY,
+--users (the curate stage's user split: submitters' digits never trained on).
+Writes: --metrics (accuracy, loss, macro F1, per-class precision/recall/F1, errors, params,
+`calibration`: the temperature fitted on val, test ECE and NLL before and after it, and `users`:
+accuracy and ECE on the user split, null when there is none), --confusion
 ({actual, predicted} rows for DVC's confusion template) and four figures: --confusion-png,
 --misclassified-png, --curves-png and --reliability-png.
 """
@@ -13,11 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from mnist_pipeline import calibration, processed, reports, stage
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.engine import predict_logits, select_device
 from mnist_pipeline.errors import DatasetError
+from mnist_pipeline.feedback import splits
 from mnist_pipeline.fileio import write_json
 from mnist_pipeline.models import count_parameters
 
@@ -25,6 +29,7 @@ from mnist_pipeline.models import count_parameters
 def configure(parser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--users", type=Path, default=None, help="the curate stage's user split")
     for option in (
         "history",
         "metrics",
@@ -64,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = reports.classification_metrics(logits, labels, classes, count_parameters(model))
     metrics["calibration"] = calibrated
+    user_images, user_labels = (torch.from_numpy(a) for a in splits.load_or_empty(args.users))
+    user_logits = predict_logits(model, user_images, norm["mean"], norm["std"], params.evaluate.batch_size, device)
+    metrics["users"] = reports.users_metrics(user_logits, user_labels, calibrated["temperature"])
     write_json(args.metrics, metrics)
     predicted = logits.argmax(1)
     write_json(args.confusion, reports.confusion_rows(labels, predicted, classes))
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         f"loss {metrics['loss']:.4f}, macro F1 {metrics['macro_f1']:.4f}; temperature {t} (fitted on val): "
         f"ECE {calibrated['ece_before']:.2%} → {calibrated['ece_after']:.2%} → {args.metrics}"
     )
+    users = metrics["users"]
+    if users["samples"]:
+        print(f"user split: accuracy {users['accuracy']:.4f} on {users['samples']} digits, ECE {users['ece']:.2%}")
     return 0
 
 

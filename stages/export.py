@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": calibrated,
             "input": exported.INPUT_SPEC,
             "training_params": ckpt.params,
+            # How many users' corrections trained it, from which snapshot (mnist-feedback snapshot).
+            "feedback": ckpt.params.get("feedback", {"corrections": 0, "snapshot": "none"}),
             "training_data_sha256": ckpt.data,
             "best_validation": ckpt.best,
             "files_sha256": files,

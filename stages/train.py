@@ -1,9 +1,11 @@
 """train stage: fit the selected model on the train split, keep the best epoch on val.
 
 Params: seed, dataset, model, the selected model's section (mlp or cnn: its architecture and
-its training recipe, `<model>.train`), data.
-Reads: DATA_DIR/{train,val}.pt, DATA_DIR/stats.json and --teacher (the teacher stage's logits for
-the train split; used when the selected model's train.distill.teacher is not none).
+its training recipe, `<model>.train`), data, feedback.repeat.
+Reads: DATA_DIR/{train,val}.pt, DATA_DIR/stats.json, --teacher (the teacher stage's logits for
+the train split; used when the selected model's train.distill.teacher is not none) and
+--corrections (the curate stage's admitted corrections, appended feedback.repeat times; a
+correction's soft target is its own label, since the teacher never saw it).
 Writes: --checkpoint (self-describing, best on val), --metrics (best epoch, val scores),
 --history (per-epoch CSV for `dvc plots`), --timing (wall-clock figures, kept apart so the
 other outputs stay byte-identical), --live (DVCLive per-epoch logs).
@@ -15,10 +17,12 @@ Environment: MNIST_DEVICE=cpu|cuda|mps overrides the detected device.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from dvclive import Live
 
 from mnist_pipeline import models, processed, stage
@@ -30,13 +34,16 @@ from mnist_pipeline.checkpoint import (
     load_teacher_logits,
     save_checkpoint,
 )
+from mnist_pipeline.data import label_logits, with_corrections
 from mnist_pipeline.engine import Distillation, EpochStats, Trainer, seed_everything, select_device
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.fileio import atomic_path, write_json
+from mnist_pipeline.feedback import splits
+from mnist_pipeline.fileio import atomic_path, sha256_file, write_json
 
 
 def configure(parser) -> None:
     parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--corrections", type=Path, default=None, help="the curate stage's admitted corrections")
     for option in ("teacher", "checkpoint", "metrics", "history", "timing", "live", "state-dir"):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
@@ -91,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device()
     train, val = processed.load_split(args.data_dir, "train"), processed.load_split(args.data_dir, "val")
     stats = processed.load_stats(args.data_dir)
+    extra_images, extra_labels = (torch.from_numpy(a) for a in splits.load_or_empty(args.corrections))
+    corrected = with_corrections(train, extra_images, extra_labels, params.feedback.repeat)
     distill = None
     if params.teacher != "none":
         d = params.train.distill
-        distill = Distillation(load_teacher_logits(args.teacher, len(train[0])), d.weight, d.temperature)
+        logits = load_teacher_logits(args.teacher, len(train[0]))
+        logits = torch.cat([logits, label_logits(extra_labels, len(stats.classes)).repeat(params.feedback.repeat, 1)])
+        distill = Distillation(logits, d.weight, d.temperature)
     inputs = {s: processed.split_path(args.data_dir, s) for s in ("train", "val")}
     hashes = data_hashes(inputs if distill is None else {**inputs, "teacher": args.teacher})
     run_params = {
@@ -104,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         params.model: params.section(params.model),
         "data": params.section("data"),
     }
+    if len(extra_labels):  # without corrections the checkpoint is what it was before feedback existed
+        hashes["corrections"] = sha256_file(args.corrections / "images.npy")
+        meta = json.loads((args.corrections / "meta.json").read_text())
+        run_params["feedback"] = {"corrections": len(extra_labels), "repeat": params.feedback.repeat, **meta}
+    train = corrected
     model = models.build_model(params.model, **params.model_kwargs())
     trainer = Trainer(model, train, val, params.train, stats.mean, stats.std, params.seed, device, distill)
     num_params = models.count_parameters(model)
     print(
-        f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images, "
-        f"device {device}" + ("" if distill is None else f", distilled from the {params.teacher} teacher")
+        f"{params.model}: {num_params:,} parameters, {len(train[0]):,} train / {len(val[0]):,} val images "
+        f"({len(extra_labels):,} users' corrections × {params.feedback.repeat}), device {device}"
+        + ("" if distill is None else f", distilled from the {params.teacher} teacher")
     )
 
     store = ResumeStore(args.state_dir, fingerprint(run_params, hashes, stage.package_modules() + [Path(__file__)]))

@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 SELECTED_MODEL = "${model}"  # dvc.yaml's entry for the section of whichever model params.yaml selects
 # Narrower reads: the selected model's teacher choice alone, and the teacher's section (`cnn`, the one teacher).
+# Sections whose keys different stages read (feedback: curate the policy, train `repeat`): a stage
+# reading one key of them depends on that key alone.
+SHARED_SECTIONS = {"feedback"}
 NARROW = {"teacher": SELECTED_MODEL + ".train.distill.teacher", "teacher_params": "cnn"}
 
 IMPORTED = """
@@ -40,9 +43,20 @@ def imported_modules(script: Path) -> set[str]:
 def params_read(script: Path) -> set[str]:
     """Top-level params keys a stage script reads: `params.X`, `params.section("X")`, and the
     selected model's section through `params.model_kwargs()`, `params.model_params`,
-    `params.train` (the selected model's recipe) or `params.section(params.model)`."""
+    `params.train` (the selected model's recipe) or `params.section(params.model)`; one key of a
+    shared section read directly (`params.feedback.repeat`) is that key alone."""
     keys = set()
-    for node in ast.walk(ast.parse(script.read_text())):
+    tree = ast.parse(script.read_text())
+    narrowed = set()
+    for node in ast.walk(tree):
+        inner = node.value if isinstance(node, ast.Attribute) else None
+        if isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name) and inner.value.id == "params" \
+                and inner.attr in SHARED_SECTIONS:
+            keys.add(f"{inner.attr}.{node.attr}")
+            narrowed.add(id(inner))
+    for node in ast.walk(tree):
+        if id(node) in narrowed:
+            continue
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params":
             keys.add(SELECTED_MODEL if node.attr in ("model_kwargs", "model_params", "train")
                      else NARROW.get(node.attr, node.attr))

@@ -150,14 +150,15 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(work, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("name", ["download", "preprocess", "teacher", "train", "evaluate", "export"])
+@pytest.mark.parametrize("name", ["download", "preprocess", "curate", "teacher", "train", "evaluate", "export"])
 def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
     folder, _ = work
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**PARAMS, "mlp": {**PARAMS["mlp"], "train": {**PARAMS["mlp"]["train"], "lr": "fast"}}}))
-    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "teacher": 2, "train": 1, "evaluate": 2,
-                                   "export": 3}[name],
+    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "curate": 1, "teacher": 2, "train": 1,
+                                   "evaluate": 2, "export": 3}[name],
                    *{"teacher": ["--metrics=x", "--timing=x"],
+                     "curate": [f"--{o}=x" for o in ("admitted", "users", "report", "figure", "quarantine")],
                      "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live",
                                                     "state-dir")],
                      "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png",

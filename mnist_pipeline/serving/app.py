@@ -6,6 +6,9 @@
                     keeps it in git as models/model_card.json, beside the DVC-tracked models/export/)
     POST /predict   multipart form, one or more `file` fields → {"digit", "label", "probabilities", "input", …}
                     for one file, a list (one entry per file, bad ones with their own "error") for several
+    POST /feedback  (with `--feedback` only) multipart `file` and `label` (0–9) → 201 {"id", "label", "digit"}
+                    once the correction is on disk (docs/feedback.md); 429 past the per-client rate, 507 when
+                    the store is full
 
 Starlette gives routing and streaming multipart parsing without FastAPI's request-model layer
 (this API has one form field). Images are prepared by `images.prepare`, exactly as
@@ -30,7 +33,9 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,8 @@ from starlette.routing import Route
 from starlette.types import Message, Receive
 
 from mnist_pipeline.exported import Model, load_model
+from mnist_pipeline.feedback.store import Store, StoreFull, correction
+from mnist_pipeline.fileio import sha256_file
 from mnist_pipeline.images import FORMAT_NAMES, ImageError, TooLarge, UnsupportedFormat, prepare
 from mnist_pipeline.serving.settings import WEB_MAX_PIXELS, Settings, from_env
 
@@ -180,6 +187,87 @@ async def read_uploads(request: Request, max_upload: int) -> list[Upload] | Resp
         await form.close()
 
 
+class RateLimit:
+    """A token bucket per client: `rate` a second sustained, `burst` at once. Memory is bounded: past
+    `max_clients` buckets, the idle (full) ones are forgotten, and if none is idle, all are."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 10_000) -> None:
+        self.rate, self.burst, self.max_clients = rate, burst, max_clients
+        self.buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when)
+
+    def wait(self, client: str, now: float) -> float:
+        """0 and a token taken if `client` may go on; else the seconds until it may."""
+        tokens, when = self.buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self.buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+        if client not in self.buckets and len(self.buckets) >= self.max_clients:
+            full = [c for c, (t, w) in self.buckets.items() if t + (now - w) * self.rate >= self.burst]
+            for c in full or list(self.buckets):
+                del self.buckets[c]
+        self.buckets[client] = (tokens - 1, now)
+        return 0.0
+
+
+def read_label(value: Any) -> int | str:
+    """The form's label as a digit, or why it is not one."""
+    if value is None:
+        return "no `label` field: send the digit 0–9 as form field `label`"
+    if not isinstance(value, str) or len(value) != 1 or value not in "0123456789":
+        shown = value if isinstance(value, str) else "a file"
+        return f"label must be one digit 0–9, got {shown[:40]!r}"
+    return int(value)
+
+
+class Collector:
+    """POST /feedback: one worker's store writer, rate limit and model identity."""
+
+    def __init__(self, settings: Settings, model_path: Path) -> None:
+        assert settings.feedback is not None
+        self.store = Store(Path(settings.feedback), settings.feedback_max_bytes)
+        self.limit = RateLimit(settings.feedback_rate, settings.feedback_burst)
+        self.model_id = sha256_file(model_path)
+
+    def record(self, model: Model, upload: Upload, label: int, client: str, max_pixels: int) -> tuple[int, bytes]:
+        """(status, JSON body): prepare, score and append one correction; runs in the pool."""
+        entry, kind, data = upload
+        digit = prepared(entry, kind, data, max_pixels)
+        if digit is None:
+            return entry["status"], compact_json({"error": entry["error"]})
+        probs = model.probabilities(digit[None])[0]
+        rec = correction(digit, label, probs, self.model_id, self.store.submitter("client", client), "web", data, kind)
+        try:
+            self.store.append(rec)
+        except StoreFull as exc:
+            return 507, compact_json({"error": str(exc)})
+        return 201, compact_json({"id": rec.id, "label": label, "digit": rec.answer})
+
+
+async def read_feedback(request: Request, max_upload: int) -> tuple[Upload, int] | Response:
+    """The form's one `file` and its `label`, read with the body counted as it streams; or the refusal."""
+    limited = Request(request.scope, counting(request.receive, max_upload))
+    try:
+        form = await limited.form(max_files=1, max_fields=1)
+    except BodyTooLarge:
+        return error(413, f"request body is over the {max_upload:,} byte limit")
+    except MultiPartException as exc:
+        return error(400, f"malformed multipart body: {exc.message}")
+    try:
+        upload = form.get("file")
+        if upload is None:
+            return error(422, "no `file` field: send the image as multipart form field `file`")
+        if not isinstance(upload, UploadFile):
+            return error(422, "the `file` field must be a file upload")
+        label = read_label(form.get("label"))
+        if isinstance(label, str):
+            return error(422, label)
+        kind = (upload.content_type or "").split(";")[0].strip().lower()
+        return ({"file": upload.filename or "upload"}, kind, await upload.read()), label
+    finally:
+        await form.close()
+
+
 class Service:
     """The routes of one worker: its model, its card, its pool and its admission count."""
 
@@ -188,6 +276,9 @@ class Service:
         self.model = load_model(model_path, threads=1)
         self.card = model_card(model_path, self.model.classes)
         self.page = PAGE.read_bytes()
+        self.collector = Collector(settings, model_path) if settings.feedback else None
+        if self.collector is not None:  # the page shows its correction buttons
+            self.page = self.page.replace(b"<body>", b'<body data-feedback="1">', 1)
         self.pool = ThreadPoolExecutor(settings.threads or cores(), thread_name_prefix="predict")
         self.admitted = 0  # requests between admission and answer; only the event loop's thread touches it
 
@@ -201,6 +292,7 @@ class Service:
                 "model": self.card.get("model"),
                 "classes": len(self.model.classes),
                 "admitted": self.admitted,
+                "feedback": self.collector is not None,
             }
         )
 
@@ -237,13 +329,41 @@ class Service:
         finally:
             self.admitted -= 1
 
+    async def feedback(self, request: Request) -> Response:
+        collector = self.collector
+        assert collector is not None
+        refused = self.refusal(request)
+        if refused is not None:
+            return refused
+        client = request.client.host if request.client else "unknown"
+        wait = collector.limit.wait(client, time.monotonic())
+        if wait:
+            response = error(429, f"too many corrections from this client; retry in {math.ceil(wait)} s")
+            response.headers["Retry-After"] = str(math.ceil(wait))
+            return response
+        self.admitted += 1
+        try:
+            parsed = await read_feedback(request, self.settings.max_upload)
+            if isinstance(parsed, Response):
+                return parsed
+            upload, label = parsed
+            status, body = await asyncio.get_running_loop().run_in_executor(
+                self.pool, collector.record, self.model, upload, label, client, self.settings.max_pixels
+            )
+            return Response(body, status_code=status, media_type="application/json")
+        finally:
+            self.admitted -= 1
+
     def routes(self) -> list[Route]:
-        return [
+        routes = [
             Route("/", self.index),
             Route("/healthz", self.healthz),
             Route("/model", self.card_json),
             Route("/predict", self.predict, methods=["POST"]),
         ]
+        if self.collector is not None:
+            routes.append(Route("/feedback", self.feedback, methods=["POST"]))
+        return routes
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

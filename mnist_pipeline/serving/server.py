@@ -2,6 +2,7 @@
 
     mnist-serve [--model models/export/model.onnx] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
                 [--workers 1] [--threads CORES] [--max-queue 16]
+                [--feedback [DIR]] [--feedback-rate 1] [--feedback-burst 20] [--feedback-max-mb 1024]
 
 uvicorn with uvloop/httptools is the fast single-process server for an ASGI app, what the
 Python web ecosystem deploys and proxies; `--workers N` runs N such processes on one socket
@@ -22,8 +23,11 @@ from typing import Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from mnist_pipeline.errors import ModelFileError
+from mnist_pipeline.errors import ModelFileError, PipelineError
 from mnist_pipeline.serving.settings import (
+    DEFAULT_FEEDBACK_BURST,
+    DEFAULT_FEEDBACK_MAX_BYTES,
+    DEFAULT_FEEDBACK_RATE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_UPLOAD,
     DEFAULT_MODEL,
@@ -78,8 +82,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_MAX_QUEUE,
         help=f"per worker: requests admitted at once; more get 503 (default {DEFAULT_MAX_QUEUE})",
     )
+    parser.add_argument(
+        "--feedback",
+        nargs="?",
+        const="feedback",
+        default=None,
+        metavar="DIR",
+        help="collect users' corrections (POST /feedback, buttons on the page) into the store DIR "
+        "(default feedback/, what `mnist-feedback snapshot` reads); off without this flag",
+    )
+    parser.add_argument(
+        "--feedback-rate",
+        type=float,
+        default=DEFAULT_FEEDBACK_RATE,
+        help=f"per client and worker: corrections a second (default {DEFAULT_FEEDBACK_RATE:g}); more get 429",
+    )
+    parser.add_argument(
+        "--feedback-burst",
+        type=int,
+        default=DEFAULT_FEEDBACK_BURST,
+        help=f"per client and worker: corrections at once (default {DEFAULT_FEEDBACK_BURST})",
+    )
+    parser.add_argument(
+        "--feedback-max-mb",
+        type=float,
+        default=DEFAULT_FEEDBACK_MAX_BYTES / 2**20,
+        help="the store's size bound in MB; past it, 507 (default 1024)",
+    )
     args = parser.parse_args(argv)
-    for name in ("workers", "threads", "max_queue"):
+    if args.feedback_rate <= 0:
+        parser.error("--feedback-rate must be above 0")
+    for name in ("workers", "threads", "max_queue", "feedback_burst"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -96,8 +129,20 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(max_upload=int(args.max_upload_mb * 2**20), threads=args.threads, max_queue=args.max_queue)
+    settings = Settings(
+        max_upload=int(args.max_upload_mb * 2**20),
+        threads=args.threads,
+        max_queue=args.max_queue,
+        feedback=args.feedback,
+        feedback_rate=args.feedback_rate,
+        feedback_burst=args.feedback_burst,
+        feedback_max_bytes=int(args.feedback_max_mb * 2**20),
+    )
     try:
+        if args.feedback:
+            from mnist_pipeline.feedback.store import Store
+
+            Store(Path(args.feedback), settings.feedback_max_bytes).close()  # a store it cannot use stops it here
         if args.workers == 1:
             from mnist_pipeline.serving.app import create_app
 
@@ -105,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             problem = None
         else:
             problem = model_problem(args.model)
-    except ModelFileError as exc:
+    except PipelineError as exc:  # the model file, or the feedback store
         problem = str(exc)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -117,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
-    print(f"serving {args.model} on http://{shown}:{port}/ (Ctrl-C stops)", flush=True)
+    collecting = f"; collecting corrections in {args.feedback}/" if args.feedback else ""
+    print(f"serving {args.model} on http://{shown}:{port}/ (Ctrl-C stops){collecting}", flush=True)
     server: dict[str, Any] = {
         "log_level": "warning",
         "access_log": False,

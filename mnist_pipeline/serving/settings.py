@@ -18,6 +18,9 @@ DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in t
 # Decoded pixels per uploaded image. The worst case, an RGBA or palette PNG, peaks near 8 bytes a
 # decoded pixel while it is prepared: 10 MP × 2 threads stays inside a 250 MB worker.
 WEB_MAX_PIXELS = 10_000_000
+DEFAULT_FEEDBACK_RATE = 1.0  # corrections per second per client, sustained (a person clicks far less)
+DEFAULT_FEEDBACK_BURST = 20  # ... and at once
+DEFAULT_FEEDBACK_MAX_BYTES = 1 << 30  # the feedback store's bound; past it, 507
 SETTINGS_ENV = "MNIST_SERVE_SETTINGS"  # worker processes build their app from it (app.app_from_env)
 
 
@@ -29,6 +32,10 @@ class Settings:
     threads: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_pixels: int = WEB_MAX_PIXELS
+    feedback: str | None = None  # the store's folder: corrections are collected (POST /feedback); None: off
+    feedback_rate: float = DEFAULT_FEEDBACK_RATE
+    feedback_burst: int = DEFAULT_FEEDBACK_BURST
+    feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES
 
 
 def to_env(model_path: Path, settings: Settings) -> str:

@@ -1,0 +1,257 @@
+"""mnist-feedback: collect corrections from the command line, see them, freeze them, review them.
+
+    mnist-feedback add --label N [--submitter NAME] FILE…     one label for these images
+    mnist-feedback import FOLDER|FILE.csv [--submitter NAME]  FOLDER/<digit>/*.png, or rows file,label[,submitter]
+    mnist-feedback status                                      counts per class and submitter, agreement with the model
+    mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
+    mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on what curate quarantined
+
+Run from the repository root, no paths are needed: the live store is feedback/ (as
+`mnist-serve --feedback` writes it), the shards data/feedback/, the model the exported ONNX.
+Each image is prepared and scored exactly as `mnist-predict` does; a bad file is that file's
+error line and the others are still recorded. Submitter names are stored only as salted
+hashes (the store's key), like the server's client addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import getpass
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.feedback import snapshot as snapshots
+from mnist_pipeline.feedback.store import DEFAULT_STORE, Record, Store, correction, new_id, read_store
+from mnist_pipeline.serving.settings import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
+
+DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
+MAX_ROWS = 1_000_000  # rows of one CSV import
+Item = tuple[Path, int, str]  # file, label, submitter name
+
+
+def parse_label(text: str) -> int:
+    if len(text) != 1 or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected one digit 0–9, got {text!r}")
+    return int(text)
+
+
+def items_from(path: Path, submitter: str) -> tuple[list[Item], list[str]]:
+    """(file, label, submitter) for a folder of digit subfolders or a CSV, and the rows that make no sense."""
+    items: list[Item] = []
+    problems: list[str] = []
+    if path.is_dir():
+        for digit in range(10):
+            folder = path / str(digit)
+            if folder.is_dir():
+                items += [(f, digit, submitter) for f in sorted(folder.iterdir()) if f.is_file()]
+        if not items:
+            problems.append(f"{path}: no images in subfolders 0 … 9 (expected {path}/7/some.png)")
+        return items, problems
+    try:
+        with path.open(newline="") as handle:
+            for n, row in enumerate(csv.reader(handle), 1):
+                if n > MAX_ROWS:
+                    problems.append(f"{path}: more than {MAX_ROWS:,} rows; the rest are ignored")
+                    break
+                if n == 1 and row[:2] == ["file", "label"]:
+                    continue
+                if len(row) not in (2, 3) or len(row[1].strip()) != 1 or not row[1].strip().isdigit():
+                    problems.append(f"{path}:{n}: expected file,label[,submitter] with a label 0–9, got {row!r:.80}")
+                    continue
+                name = row[2].strip() if len(row) == 3 and row[2].strip() else submitter
+                items.append((path.parent / row[0].strip(), int(row[1]), name))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        problems.append(f"{path}: cannot read it as a CSV ({exc})")
+    return items, problems
+
+
+def record_items(store: Store, model_path: Path, items: list[Item]) -> tuple[int, list[str]]:
+    """Prepare, score (one batched call per chunk) and append each item: (recorded, error lines)."""
+    from mnist_pipeline.exported import load_model
+    from mnist_pipeline.fileio import sha256_file
+    from mnist_pipeline.images import ImageError, prepare, read_bounded
+
+    model = load_model(model_path)
+    identity = sha256_file(model_path)
+    recorded, errors = 0, []
+    for start in range(0, len(items), 512):
+        chunk, ready = items[start : start + 512], []
+        for path, label, name in chunk:
+            try:
+                data = read_bounded(path, DEFAULT_MAX_UPLOAD)
+                ready.append((path, label, name, prepare(data), data))
+            except ImageError as exc:
+                errors.append(f"{path}: error: {exc}")
+        if not ready:
+            continue
+        probs = model.probabilities(np.stack([r[3] for r in ready]))
+        for (path, label, name, image, data), p in zip(ready, probs, strict=True):
+            rec = correction(image, label, p, identity, store.submitter("name", name), "cli", data)
+            store.append(rec)
+            print(f"{path}: {rec.id} label {label}, model said {rec.answer}")
+            recorded += 1
+    return recorded, errors
+
+
+def status(store_path: Path, folder: Path) -> list[str]:
+    live = read_store(store_path)
+    new, _ = snapshots.pending(store_path, folder)
+    corrections = [r for r in live.records if r.kind == "correction"]
+    lines = [
+        f"{store_path}: {len(corrections)} corrections, {len(live.records) - len(corrections)} reviews, "
+        f"{len(new)} not yet in a snapshot ({folder}: {len(snapshots.shards(folder))} shards)"
+    ]
+    if corrections:
+        classes = Counter(r.label for r in corrections)
+        lines.append("per class: " + "  ".join(f"{c}: {classes[c]}" for c in range(10)))
+        agree = sum(r.label == r.answer for r in corrections)
+        lines.append(
+            f"agreement with the model that answered: {agree / len(corrections):.1%} "
+            f"({len(corrections) - agree} corrections of its answer)"
+        )
+        per = Counter(r.submitter for r in corrections)
+        lines.append(f"submitters: {len(per)}; most records: " + ", ".join(f"{s} {n}" for s, n in per.most_common(5)))
+    lines += [f"warning: {t} (a writer killed mid-record; nothing acknowledged is lost)" for t in live.torn]
+    return lines
+
+
+def ascii_digit(image: np.ndarray) -> str:
+    """A 28×28 digit as 14 lines of text, two pixel rows per line (upper and lower half blocks)."""
+    shades = image >= 0.35
+    rows = []
+    for y in range(0, 28, 2):
+        rows.append(
+            "".join(
+                {(True, True): "█", (True, False): "▀", (False, True): "▄"}.get(
+                    (bool(shades[y, x]), bool(shades[y + 1, x])), " "
+                )
+                for x in range(28)
+            )
+        )
+    return "\n".join(rows)
+
+
+def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str], reviewer: str) -> list[str]:
+    """Append a review record per verdict; with no verdicts given, ask about each quarantined item."""
+    import json
+
+    try:
+        entries = json.loads(quarantine.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{quarantine}: no quarantine list ({exc}); run `dvc repro curate` first") from None
+    reasons = {e["id"]: e["reason"] for e in entries}
+    known = {r.id: r for r in snapshots.read_shards(folder).records + read_store(store.root).records}
+    done = {r.target for r in known.values() if r.kind == "review"}
+    lines = []
+    if not verdicts:
+        if not sys.stdin.isatty():
+            raise PipelineError("review needs a terminal, or --accept/--reject with ids")
+        for item_id, reason in reasons.items():
+            rec = known.get(item_id)
+            if rec is None or item_id in done or rec.image is None:
+                continue
+            print(ascii_digit(rec.image))
+            print(
+                f"{item_id}: labelled {rec.label}, the model said {rec.answer} "
+                f"(p(label) {rec.probabilities[rec.label]:.3f}); quarantined: {reason}"
+            )
+            choice = input("[a]ccept  [r]eject  [s]kip  [q]uit? ").strip().lower()[:1]
+            if choice == "q":
+                break
+            if choice in ("a", "r"):
+                verdicts[item_id] = "accept" if choice == "a" else "reject"
+    for item_id, verdict in verdicts.items():
+        if item_id not in reasons:
+            lines.append(f"{item_id}: error: not in {quarantine} (only quarantined corrections are reviewed)")
+            continue
+        rec = Record(
+            id=new_id(),
+            time=0.0,
+            kind="review",
+            submitter=store.submitter("name", reviewer),
+            source="cli",
+            target=item_id,
+            verdict=verdict,
+        )
+        store.append(rec)
+        lines.append(f"{item_id}: {verdict}ed; it counts from the next snapshot")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist-feedback", description="Users' corrections → versioned training data.")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"live store (default {DEFAULT_STORE}/)")
+    parser.add_argument(
+        "--snapshots",
+        type=Path,
+        default=snapshots.DEFAULT_SNAPSHOTS,
+        help=f"DVC-tracked shards (default {snapshots.DEFAULT_SNAPSHOTS}/)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="record images with one label")
+    add.add_argument("--label", type=parse_label, required=True)
+    add.add_argument("files", nargs="+", type=Path)
+    imp = sub.add_parser("import", help="record a folder of digit subfolders, or a CSV of file,label[,submitter]")
+    imp.add_argument("source", type=Path)
+    for p in (add, imp):
+        p.add_argument("--submitter", default=getpass.getuser(), help="who labelled them (stored as a salted hash)")
+        p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"scores them (default {DEFAULT_MODEL})")
+    sub.add_parser("status", help="what has been collected")
+    snap = sub.add_parser("snapshot", help="freeze what is new into a DVC-tracked shard")
+    snap.add_argument("--no-dvc", action="store_true", help="write the shard only; `dvc add` it yourself")
+    rev = sub.add_parser("review", help="accept or reject quarantined corrections")
+    rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
+    rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
+    rev.add_argument("--reject", nargs="*", default=[], metavar="ID")
+    rev.add_argument("--reviewer", default=getpass.getuser())
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            print("\n".join(status(args.store, args.snapshots)))
+            return 0
+        if args.command == "snapshot":
+            snap = snapshots.take(args.store, args.snapshots)
+            if snap.path is None:
+                print(f"nothing new: {snap.total} records are already in {args.snapshots}; no new version")
+                return 0
+            if not args.no_dvc:
+                snapshots.track(snap.path)
+            print(
+                f"{snap.path}: {snap.new} new records ({snap.total} in all). Commit and share it:\n"
+                f"  git add {snap.path}.dvc {args.snapshots}/.gitignore && git commit -m 'Snapshot {snap.new} "
+                f"corrections'\n  dvc push   # uploads this shard only\nthen `dvc repro` trains on it."
+            )
+            return 0
+        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES)
+        if args.command == "review":
+            verdicts = {**{i: "accept" for i in args.accept}, **{i: "reject" for i in args.reject}}
+            lines = review(store, args.snapshots, args.quarantine, verdicts, args.reviewer)
+            print("\n".join(lines))
+            return 1 if any(": error:" in line for line in lines) else 0
+        if args.command == "add":
+            items, problems = [(f, args.label, args.submitter) for f in args.files], list[str]()
+        else:
+            items, problems = items_from(args.source, args.submitter)
+        recorded, errors = record_items(store, args.model, items) if items else (0, [])
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in problems + errors:
+        print(line, file=sys.stderr)
+    print(
+        f"{recorded} recorded in {args.store}/; `mnist-feedback snapshot` makes them a pipeline input", file=sys.stderr
+    )
+    return 1 if problems or errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

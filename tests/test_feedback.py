@@ -1,0 +1,387 @@
+"""Users' corrections: the store, POST /feedback on a real server, the page, snapshots and the defence.
+
+The servers are real `mnist-serve --feedback` processes on free loopback ports with a small
+untrained CNN (what it answers does not matter here; that it records what it answered does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from helpers import BIN, CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, loadgen, served, wait_answers
+from mnist_pipeline.feedback import curate
+from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction, read_store
+
+GOOD = loadgen.digit_png(140, 110)
+
+
+def send(url: str, label: str | None = "3", data: bytes | None = GOOD, kind: str = "image/png"):
+    """(status, headers, raw body) of one POST /feedback."""
+    files = [] if data is None else [("file", "d.png", kind, data)]
+    body, content_type = loadgen.multipart(files, {} if label is None else {"label": label})
+    request = urllib.request.Request(url + "/feedback", data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((28, 28), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the store
+
+
+def test_records_round_trip_and_a_torn_tail_is_not_read(tmp_path):
+    store = Store(tmp_path / "store", 1 << 20)
+    probs = np.eye(10, dtype=np.float32)[4] * 0.9 + 0.01
+    ids = [store.append(correction(image(i), i % 10, probs, "abc", store.submitter("name", "ann"), "cli", b"png"))
+           for i in range(5)]
+    store.close()
+    segment = next((tmp_path / "store" / "segments").iterdir())
+    with segment.open("ab") as handle:  # a writer killed in the middle of its next frame
+        handle.write(b"MFB1\x00\x10\x00\x00")
+    result = read_store(tmp_path / "store")
+    assert [r.id for r in result.records] == ids and len(result.torn) == 1
+    first = result.records[0]
+    assert first.label == 0 and first.answer == 4 and first.upload == b"png" and first.model == "abc"
+    assert np.array_equal(first.image, image(0)) and first.submitter != "ann" and first.submitter.startswith("s")
+
+
+def test_a_full_store_refuses_and_keeps_every_record(tmp_path):
+    store = Store(tmp_path / "store", max_bytes=20_000)
+    probs = np.full(10, 0.1, np.float32)
+    kept = []
+    with pytest.raises(StoreFull):
+        for i in range(100):
+            kept.append(store.append(correction(image(i), 1, probs, "m", "s1", "cli", b"x" * 500)))
+    assert 3 <= len(kept) < 10
+    assert store.used_bytes() <= 20_000
+    result = read_store(tmp_path / "store")
+    assert [r.id for r in result.records] == kept and result.torn == []
+
+
+# ---------------------------------------------------------------- POST /feedback on a real server
+
+
+@pytest.fixture(scope="module")
+def collecting(exported_models, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    with served(exported_models[1] / "model.onnx", "--feedback", str(store), "--max-upload-mb", "1",
+                "--feedback-rate", "1000", "--feedback-burst", "1000") as (proc, url):
+        yield url, store
+
+
+@pytest.mark.parametrize("label, data, kind, status, words", [
+    ("3", b"%PDF-1.4 not an image", "application/pdf", 415, "unsupported media type"),
+    ("3", b"\x89PNG\r\n\x1a\n garbage", "image/png", 400, ""),
+    ("10", GOOD, "image/png", 422, "one digit"),
+    ("7; rm -rf", GOOD, "image/png", 422, "'7; rm -rf'"),
+    (None, GOOD, "image/png", 422, "no `label` field"),
+    ("3", None, "image/png", 422, "no `file` field"),
+    ("3", b"\0" * (2 << 20), "image/png", 413, "limit"),
+])
+def test_each_bad_input_is_its_own_one_line_4xx(collecting, label, data, kind, status, words):
+    url, store = collecting
+    before = len(read_store(store).records)
+    got, _, body = send(url, label, data, kind)
+    assert got == status, body
+    assert body.count(b"\n") == 0 and words in json.loads(body)["error"]
+    assert len(read_store(store).records) == before  # nothing recorded
+    assert send(url)[0] == 201  # and the next one is served
+
+
+def test_a_correction_is_on_disk_when_acknowledged(collecting):
+    url, store = collecting
+    status, _, body = send(url, "5")
+    assert status == 201
+    answer = json.loads(body)
+    found = {r.id: r for r in read_store(store).records}[answer["id"]]
+    assert found.label == 5 and found.answer == answer["digit"] and found.source == "web"
+    assert found.image.shape == (28, 28) and found.upload == GOOD and found.upload_type == "image/png"
+    assert abs(sum(found.probabilities) - 1) < 1e-3 and len(found.model) == 64
+    assert "127.0.0.1" not in json.dumps(found.header())  # a pseudonym, never the address
+
+
+def test_the_rate_limit_answers_429_with_retry_after(exported_models, tmp_path):
+    with served(exported_models[1] / "model.onnx", "--feedback", str(tmp_path / "s"), "--feedback-rate", "0.5",
+                "--feedback-burst", "3") as (_, url):
+        statuses = [send(url)[0] for _ in range(3)]
+        status, headers, body = send(url)
+        assert statuses == [201] * 3 and status == 429 and int(headers["Retry-After"]) >= 1
+        assert "too many" in json.loads(body)["error"]
+        assert len(read_store(tmp_path / "s").records) == 3
+
+
+def test_a_full_store_answers_507_and_nothing_is_corrupted(exported_models, tmp_path):
+    with served(exported_models[1] / "model.onnx", "--feedback", str(tmp_path / "s"), "--feedback-max-mb", "0.05",
+                "--feedback-rate", "1000", "--feedback-burst", "1000") as (_, url):
+        answers = [send(url) for _ in range(30)]
+    statuses = [a[0] for a in answers]
+    assert 201 in statuses and statuses[-1] == 507 and set(statuses) == {201, 507}
+    assert "full" in json.loads(answers[-1][2])["error"]
+    acknowledged = [json.loads(b)["id"] for s, _, b in answers if s == 201]
+    result = read_store(tmp_path / "s")
+    assert sorted(r.id for r in result.records) == sorted(acknowledged) and result.torn == []
+
+
+def test_two_servers_write_to_one_store(exported_models, tmp_path):
+    store = tmp_path / "shared"
+    model = exported_models[1] / "model.onnx"
+    args = ("--feedback", str(store), "--feedback-rate", "1000", "--feedback-burst", "1000")
+    with served(model, *args) as (_, first), served(model, *args) as (_, second):
+        ids: list[str] = []
+
+        def client(url: str) -> None:
+            for i in range(20):
+                status, _, body = send(url, str(i % 10))
+                assert status == 201
+                ids.append(json.loads(body)["id"])
+
+        threads = [threading.Thread(target=client, args=(u,)) for u in (first, second, first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    result = read_store(store)
+    assert len(ids) == 80 and sorted(r.id for r in result.records) == sorted(ids) and result.torn == []
+    assert len(list((store / "segments").iterdir())) == 2  # a segment each: neither waited for the other
+
+
+def test_kill_9_under_load_loses_no_acknowledged_record(exported_models, tmp_path):
+    store = tmp_path / "store"
+    proc = subprocess.Popen([str(BIN / "mnist-serve"), "--model", str(exported_models[1] / "model.onnx"),
+                             "--port", "0", "--workers", "2", "--feedback", str(store), "--feedback-rate", "10000",
+                             "--feedback-burst", "10000"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url = proc.stdout.readline().split(" on ")[1].split()[0].rstrip("/")
+        acknowledged: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    status, _, body = send(url)
+                except OSError:
+                    return  # the server is gone
+                if status == 201:
+                    acknowledged.append(json.loads(body)["id"])
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(acknowledged) < 100 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and both workers, mid-write
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(acknowledged) >= 100
+    result = read_store(store)
+    found = {r.id: r for r in result.records}
+    assert set(acknowledged) <= set(found)
+    assert all(found[i].image is not None and found[i].label == 3 for i in acknowledged)
+    assert all("torn frame" in t for t in result.torn)  # at most a tail each, never a damaged middle
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                             "(.ci/run installs them)")
+def test_page_draw_correct_and_the_record_exists(collecting, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, store = collecting
+    with chromium(tmp_path / "profile") as driver:
+        driver.get(url + "/")
+        wait_answers(driver, 0)
+        assert not driver.find_element(By.ID, "correct").is_displayed()
+        draw_strokes(driver, driver.find_element(By.ID, "pad"), [[(140, 40), (140, 240)]])
+        wait_answers(driver, 1)
+        assert driver.find_element(By.ID, "correct").is_displayed()
+        driver.find_element(By.CSS_SELECTOR, '#digits button[data-label="7"]').click()
+        deadline = time.monotonic() + 20
+        while not (saved := driver.execute_script("return document.body.dataset.feedbackId")):
+            assert time.monotonic() < deadline, "no correction was saved"
+            time.sleep(0.05)
+        assert "saved" in driver.find_element(By.ID, "thanks").text
+    record = {r.id: r for r in read_store(store).records}[saved]
+    assert record.label == 7 and record.source == "web" and record.upload.startswith(b"\x89PNG")
+    column = record.image.sum(0)
+    assert record.image.max() > 0.9 and column.argmax() in range(11, 17)  # the vertical stroke, centred
+
+
+def test_without_feedback_there_is_no_route_and_no_buttons(exported_models):
+    with served(exported_models[1] / "model.onnx") as (_, url):
+        assert send(url)[0] in (404, 405)
+        with urllib.request.urlopen(url + "/", timeout=10) as page:
+            assert b'data-feedback="1"' not in page.read()
+
+
+# ---------------------------------------------------------------- the defence (curate), on and off
+
+
+def population(rng: np.random.Generator, submitter: str, n: int, wrong: float = 0.0,
+               label_of=None) -> list[Record]:
+    """`n` corrections whose recorded probabilities put at least 0.97 on the true digit; a share `wrong` of them
+    (or every one `label_of` maps) carry another label, as careless users or an adversary send them."""
+    out = []
+    for _ in range(n):
+        truth = int(rng.integers(10))
+        probs = rng.dirichlet(np.full(10, 0.1)) * 0.015  # sparse, like a trained model's
+        probs[truth] += 1 - probs.sum()
+        label = truth
+        if label_of is not None:
+            label = label_of(truth)
+        elif rng.random() < wrong:
+            label = int((truth + rng.integers(1, 10)) % 10)
+        out.append(Record(id=f"{len(out):06d}{submitter}", time=0.0, kind="correction", submitter=submitter,
+                          source="cli", label=label, answer=int(np.argmax(probs)),
+                          probabilities=tuple(float(p) for p in probs), image=rng.random((28, 28), dtype=np.float32)))
+    return out
+
+
+def truth(r: Record) -> int:
+    return int(np.argmax(r.probabilities))
+
+
+ALL_TRAIN = {"user_split": 0.0}
+
+
+@pytest.mark.parametrize("defence", [True, False])
+def test_careless_labels_are_quarantined(defence):
+    rng = np.random.default_rng(1)
+    records = [r for i in range(5) for r in population(rng, f"careless{i}", 100, wrong=0.3)]
+    result = curate.curate(records, curate.Policy(defence=defence, **ALL_TRAIN))
+    wrong_admitted = sum(r.label != truth(r) for r in result.admitted)
+    if defence:
+        assert wrong_admitted <= 10 and len(result.admitted) >= 330  # the 70 % right ones stay
+    else:
+        assert wrong_admitted > 100
+
+
+@pytest.mark.parametrize("defence", [True, False])
+def test_an_adversary_flipping_sevens_to_ones_is_shut_out(defence):
+    rng = np.random.default_rng(2)
+    honest = [r for i in range(10) for r in population(rng, f"h{i}", 60)]
+    sevens = [r for r in population(rng, "adversary", 400) if truth(r) == 7]
+    # Every 7 labelled 1; for a fifth of them the model gave 1 enough probability to pass on its own.
+    flipped = [replace(r, label=1, probabilities=tuple(0.2 if c == 1 else p * 0.8 for c, p in
+                                                       enumerate(r.probabilities)) if i % 5 == 0 else r.probabilities)
+               for i, r in enumerate(sevens)]
+    result = curate.curate(honest + flipped, curate.Policy(defence=defence, **ALL_TRAIN))
+    adversarial = [r for r in result.admitted if r.submitter == "adversary"]
+    if defence:
+        assert adversarial == [] and len(result.quarantined["submitter"]) == len(flipped)
+    else:
+        assert len(adversarial) == len(flipped)
+
+
+@pytest.mark.parametrize("defence", [True, False])
+def test_one_flooding_submitter_is_capped(defence):
+    rng = np.random.default_rng(3)
+    records = population(rng, "flood", 2000) + [r for i in range(4) for r in population(rng, f"p{i}", 50)]
+    result = curate.curate(records, curate.Policy(defence=defence, max_per_submitter=100, **ALL_TRAIN))
+    flood = sum(r.submitter == "flood" for r in result.admitted)
+    assert flood == (100 if defence else 2000)
+
+
+def test_the_user_split_is_by_submitter_and_never_trained_on():
+    rng = np.random.default_rng(4)
+    records = [r for i in range(40) for r in population(rng, f"w{i}", 20)]
+    result = curate.curate(records, curate.Policy(user_split=0.3))
+    users, trained = {r.submitter for r in result.users}, {r.submitter for r in result.admitted}
+    assert users and trained and not users & trained and 5 <= len(users) <= 20
+
+
+def test_a_reviewers_verdict_overrides_the_checks():
+    rng = np.random.default_rng(5)
+    records = population(rng, "w", 20, wrong=1.0)
+    verdicts = [Record(id=f"z{i}", time=0.0, kind="review", submitter="rev", source="cli", target=r.id, verdict=v)
+                for i, (r, v) in enumerate([(records[0], "accept"), (records[1], "reject")])]
+    result = curate.curate(records + verdicts, curate.Policy(min_records=100, **ALL_TRAIN))
+    assert [r.id for r in result.admitted] == [records[0].id]
+    assert [r.id for r in result.quarantined["rejected"]] == [records[1].id]
+
+
+# ---------------------------------------------------------------- the loop in a repository, with real dvc
+
+
+@pytest.mark.slow
+def test_the_loop_snapshots_once_and_a_fresh_clone_reproduces_the_model(tmp_path):
+    from PIL import Image
+
+    from helpers import DVC, run, synthetic_digits, tiny_repo
+    from test_pipeline_e2e import TINY
+
+    repo, env = tiny_repo(tmp_path, TINY)
+    feedback = [str(BIN / "mnist-feedback")]
+    run(["git", "commit", "-qam", "tiny params"], repo, env)
+    run([DVC, "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+
+    # Without feedback: a snapshot is nothing new and curate (and all after it) reruns nothing.
+    assert "nothing new" in run(feedback + ["snapshot"], repo, env).stdout
+    assert "Running stage" not in run([DVC, "repro"], repo, env).stdout
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""
+
+    # Corrections from the CLI: 60 digits from 6 submitters, as PNG files listed in a CSV.
+    images, labels = synthetic_digits(60, seed=7)
+    rows = []
+    for i, (digit, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
+        Image.fromarray(255 - digit).resize((140, 140)).save(tmp_path / f"d{i}.png")
+        rows.append(f"d{i}.png,{label},writer{i % 6}")
+    (tmp_path / "corrections.csv").write_text("file,label,submitter\n" + "\n".join(rows) + "\n")
+    added = run(feedback + ["import", str(tmp_path / "corrections.csv")], repo, env)
+    assert "60 recorded" in added.stderr
+    status = run(feedback + ["status"], repo, env).stdout
+    assert "60 corrections" in status and "60 not yet in a snapshot" in status
+    first = run(feedback + ["snapshot"], repo, env).stdout
+    shard = next((repo / "data" / "feedback").glob("shard-*.rec"))
+    assert str(shard.relative_to(repo)) in first and shard.with_suffix(".rec.dvc").exists()
+    listing = sorted(p.name for p in (repo / "data" / "feedback").iterdir())
+    assert "nothing new" in run(feedback + ["snapshot"], repo, env).stdout
+    assert sorted(p.name for p in (repo / "data" / "feedback").iterdir()) == listing  # no new version
+
+    remote = tmp_path / "remote"
+    run([DVC, "remote", "add", "-d", "team", str(remote)], repo, env)
+    trained = run([DVC, "repro"], repo, env).stdout
+    assert "Running stage 'curate'" in trained and "Running stage 'train'" in trained
+    curated = json.loads((repo / "metrics" / "curate.json").read_text())
+    card = json.loads((repo / "models" / "model_card.json").read_text())
+    assert curated["corrections"] == 60 and curated["admitted"] > 0
+    assert card["feedback"]["corrections"] == curated["admitted"]
+    assert card["feedback"]["snapshot"] == curated["snapshot"]["id"] != "none"
+    assert "users" in json.loads((repo / "metrics" / "eval.json").read_text())
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "train on the first snapshot"], repo, env)
+    run([DVC, "push"], repo, env)
+    model = (repo / "models" / "checkpoint.pt").read_bytes()
+
+    # A teammate's fresh clone: pull, then retrain from the same snapshot: the same model, byte for byte.
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], repo, env)
+    env2 = {**env, "PYTHONPATH": str(clone)}
+    run([DVC, "pull"], clone, env2)
+    assert "up to date" in run([DVC, "status"], clone, env2).stdout
+    (clone / "models" / "checkpoint.pt").unlink()
+    run([DVC, "repro", "--force", "train"], clone, env2)
+    assert (clone / "models" / "checkpoint.pt").read_bytes() == model
