@@ -209,6 +209,69 @@ def sweep_block() -> str:
             f"at a time): {expected}. GPU: {r['gpu']}.\n")
 
 
+FEEDBACK_ROWS = {  # scenario: (the labels, the defence)
+    "clean": ("every label right", "on"),
+    "flips_defended": ("20 % random wrong labels", "on"),
+    "flips_naive": ("20 % random wrong labels", "off (naive ingest)"),
+    "targeted_defended": ("+ 20 % adversarial: 7s labelled 1", "on"),
+    "targeted_naive": ("+ 20 % adversarial: 7s labelled 1", "off (naive ingest)"),
+}
+
+
+def met(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def feedback_block() -> str:
+    """One loop of users' corrections: held-out users and MNIST, clean and poisoned; the server; snapshots."""
+    r = load("feedback")
+    if not r:
+        return ""
+    pop, summary = r["population"], r["summary"]
+    seeds = ", ".join(map(str, r["seeds"]))
+    lines = [f"One loop on the stand-in population (`python benchmarks/bench_feedback.py`, `feedback.json`, seeds "
+             f"{seeds}, means): {pop['writers']} writers simulated with a stroke model "
+             f"([benchmarks/writers.py](../benchmarks/writers.py)), {pop['per_digit']} samples of each digit, "
+             f"uploaded as 280×280 PNGs. {pop['correcting_writers']} writers send every digit they drew as a "
+             f"correction; the other {pop['held_out_writers']} never do, and their digits are the held-out users "
+             f"scored here through `images.prepare` and the exported model. Every loop starts from the default model "
+             f"at that seed.", "",
+             "| labels sent | defence | held-out users' accuracy | their error × | MNIST test | of the clean gain |",
+             "|---|---|---|---|---|---|"]
+    for name, (labels, defence) in FEEDBACK_ROWS.items():
+        row = summary[name]
+        lines.append(f"| {labels} | {defence} | {pct(row['held_out_accuracy_before'])} → "
+                     f"{pct(row['held_out_accuracy_after'])} | {row['held_out_error_ratio']:.2f} | "
+                     f"{pct(row['mnist_test_before'])} → {pct(row['mnist_test_after'])} "
+                     f"({row['mnist_test_change_points']:+.2f} pts) | {row['share_of_clean_gain']:.0%} |")
+    clean = summary["clean"]
+    poisoned = [summary[n] for n in ("flips_defended", "targeted_defended")]
+    server, snap = r["server"], r["snapshot"]
+    fb, pr = server["feedback"], server["predict"]
+    first, nxt = snap["first_10000"], snap["next_1000"]
+    lines += ["", "Goals:",
+              f"- one loop halves the held-out users' error, MNIST test at most 0.05 points lower: "
+              f"{met(clean['held_out_error_ratio'] <= 0.5 and clean['mnist_test_change_points'] >= -0.05)} "
+              f"(error × {clean['held_out_error_ratio']:.2f}, MNIST {clean['mnist_test_change_points']:+.2f} pts);",
+              f"- with 20 % bad labels (defended), MNIST test at most 0.05 points lower and at least 80 % of the clean "
+              f"gain kept: {met(all(p['mnist_test_change_points'] >= -0.05 and p['share_of_clean_gain'] >= 0.8 for p in poisoned))} "
+              f"(random flips {poisoned[0]['mnist_test_change_points']:+.2f} pts, {poisoned[0]['share_of_clean_gain']:.0%}; "
+              f"targeted {poisoned[1]['mnist_test_change_points']:+.2f} pts, {poisoned[1]['share_of_clean_gain']:.0%});",
+              f"- `POST /feedback` with 2 workers ≥ 500 req/s, p99 ≤ 50 ms: "
+              f"{met(fb['requests_per_second'] >= 500 and fb['latency_ms']['p99'] <= 50)} "
+              f"({fb['requests_per_second']:.0f} req/s, p99 {fb['latency_ms']['p99']:.0f} ms, {fb['non_2xx']} non-2xx "
+              f"of {fb['requests']:,}; `/predict` {pr['requests_per_second']:.0f} req/s in the same run, so recording "
+              f"costs {1 - server['feedback_share_of_predict']:.0%} of the rate; peak RSS "
+              f"{', '.join(f'{m:.0f}' for m in server['peak_rss_mb_by_process'])} MB by process; `ab -k -c 8`, "
+              f"the realistic 200×200 PNG and a label);",
+              f"- snapshot and push cost grows with the new records only: "
+              f"{met(snap['bytes_ratio'] <= 2 * nxt['records'] / first['records'])} (10,000 records: "
+              f"{secs(first['snapshot_and_push_seconds'])}, {first['uploaded_bytes'] / 1e6:.1f} MB uploaded; 1,000 more "
+              f"on top: {secs(nxt['snapshot_and_push_seconds'])}, {nxt['uploaded_bytes'] / 1e6:.1f} MB, "
+              f"{snap['bytes_ratio']:.0%} of the bytes and {snap['time_ratio']:.0%} of the time; a local DVC remote)."]
+    return "\n".join(lines) + "\n"
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both axes (less x, more y), by increasing x."""
     front, best = [], -1.0
@@ -307,6 +370,7 @@ WHEN = {
     "fashion_mnist": "the CNN recipe or the datasets registry changed",
     "train": "the training loop or data pipeline changed",
     "inference": "export, exported-model loading or test-time views changed",
+    "feedback": "the feedback package, the curate stage, serving or the MLP recipe changed",
 }
 
 
@@ -333,6 +397,7 @@ BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
     "serve": (serve, ["serve"]),
     "sweep": (sweep_block, ["sweep_cluster"]),
     "fashion": (fashion, ["fashion_mnist"]),
+    "feedback": (feedback_block, ["feedback"]),
     "status": (status, []),
 }
 

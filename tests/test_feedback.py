@@ -385,3 +385,27 @@ def test_the_loop_snapshots_once_and_a_fresh_clone_reproduces_the_model(tmp_path
     (clone / "models" / "checkpoint.pt").unlink()
     run([DVC, "repro", "--force", "train"], clone, env2)
     assert (clone / "models" / "checkpoint.pt").read_bytes() == model
+
+
+def test_review_records_verdicts_that_the_next_snapshot_carries(tmp_path, capsys):
+    from mnist_pipeline.feedback import cli
+
+    store_dir, shards = tmp_path / "store", tmp_path / "shards"
+    store = Store(store_dir, 1 << 20)
+    probs = np.full(10, 0.001, np.float32)
+    probs[2] = 0.991
+    ids = [store.append(correction(image(i), 7, probs, "m", "s1", "cli")) for i in range(3)]
+    quarantine = tmp_path / "quarantine.json"
+    quarantine.write_text(json.dumps([{"id": i, "reason": "implausible", "label": 7, "answer": 2} for i in ids]))
+    code = cli.main(["--store", str(store_dir), "--snapshots", str(shards), "review", "--quarantine", str(quarantine),
+                     "--accept", ids[0], "--reject", ids[1], "unknown-id"])
+    out = capsys.readouterr().out
+    assert code == 1 and "unknown-id: error: not in" in out and f"{ids[0]}: accepted" in out
+    assert cli.main(["--store", str(store_dir), "--snapshots", str(shards), "snapshot", "--no-dvc"]) == 0
+    from mnist_pipeline.feedback.snapshot import read_shards
+
+    records = read_shards(shards).records
+    result = curate.curate(records, curate.Policy(user_split=0.0))
+    assert [r.id for r in result.admitted] == [ids[0]]
+    assert [r.id for r in result.quarantined["rejected"]] == [ids[1]]
+    assert [r.id for r in result.quarantined["implausible"]] == [ids[2]]
