@@ -248,6 +248,8 @@ class Store:
         except OSError as exc:
             raise StoreError(f"{self.root}: cannot use it as a feedback store ({exc.strerror or exc})") from None
         self._lock = threading.Lock()  # the threads of one process share its segment
+        self._sync_lock = threading.Lock()
+        self._synced: dict[int, int] = {}  # segment fd → bytes known to be on disk
         self._fd: int | None = None
         self._pid = 0
 
@@ -271,6 +273,7 @@ class Store:
             folder = self.root / "segments"
             self._fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
             self._pid = os.getpid()
+            self._synced[self._fd] = 0
             dir_fd = os.open(folder, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)  # the new file's name is durable before any record in it is acknowledged
@@ -279,7 +282,11 @@ class Store:
         return self._fd
 
     def append(self, record: Record) -> str:
-        """Write `record` and return its id once it is on disk; StoreFull when over the bound."""
+        """Write `record` and return its id once it is on disk; StoreFull when over the bound.
+
+        Group commit: the write happens under the lock, the fdatasync outside it, and one
+        fdatasync covers every frame written before it, so threads that append together share it.
+        """
         frame = encode(record)
         with self._lock:
             used = self.used_bytes()
@@ -293,14 +300,28 @@ class Store:
                 view = memoryview(frame)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fdatasync(fd)
             except OSError as exc:
                 os.ftruncate(fd, start)  # no partial frame stays behind a failed write
                 raise StoreFull(f"cannot write to the feedback store: {exc.strerror or exc}") from None
+            end = start + len(frame)
+        self._sync(fd, end)
         return record.id
+
+    def _sync(self, fd: int, end: int) -> None:
+        """Return once the segment is durable up to `end` (an fdatasync by this thread or another)."""
+        with self._sync_lock:
+            if self._synced.get(fd, 0) >= end:
+                return  # a sync that began after this frame was written has covered it
+            target = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                raise StoreFull(f"cannot sync the feedback store: {exc.strerror or exc}") from None
+            self._synced[fd] = target
 
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
+                self._synced.pop(self._fd, None)
                 self._fd = None

@@ -52,7 +52,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive
 
 from mnist_pipeline.exported import Model, load_model
-from mnist_pipeline.feedback.store import Store, StoreFull, correction
+from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction
 from mnist_pipeline.fileio import sha256_file
 from mnist_pipeline.images import FORMAT_NAMES, ImageError, TooLarge, UnsupportedFormat, prepare
 from mnist_pipeline.serving.settings import WEB_MAX_PIXELS, Settings, from_env
@@ -60,6 +60,7 @@ from mnist_pipeline.serving.settings import WEB_MAX_PIXELS, Settings, from_env
 __all__ = ["WEB_MAX_PIXELS", "app_from_env", "compact_json", "create_app", "png_data_url"]
 
 MAX_FILES = 16
+IO_THREADS = 4  # per worker: appends waiting on fdatasync at once
 PAGE = Path(__file__).parent / "static" / "index.html"
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/bmp", "image/x-ms-bmp", "image/gif", "image/tiff", "image/webp"}
 # One upload as parsed: its answer so far ({"file": name} or an error), its media type, its bytes.
@@ -228,20 +229,26 @@ class Collector:
         self.store = Store(Path(settings.feedback), settings.feedback_max_bytes)
         self.limit = RateLimit(settings.feedback_rate, settings.feedback_burst)
         self.model_id = sha256_file(model_path)
+        # fdatasync waits on the disk, not the CPU: a pool of its own keeps the CPU pool preparing
+        # images meanwhile, and threads that append together share one fdatasync (Store.append).
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="feedback-io")
 
-    def record(self, model: Model, upload: Upload, label: int, client: str, max_pixels: int) -> tuple[int, bytes]:
-        """(status, JSON body): prepare, score and append one correction; runs in the pool."""
+    def scored(self, model: Model, upload: Upload, label: int, client: str, max_pixels: int) -> Record | Response:
+        """The correction to record, or the refusal: CPU work, run in the worker's pool."""
         entry, kind, data = upload
         digit = prepared(entry, kind, data, max_pixels)
         if digit is None:
-            return entry["status"], compact_json({"error": entry["error"]})
+            return error(entry["status"], entry["error"])
         probs = model.probabilities(digit[None])[0]
-        rec = correction(digit, label, probs, self.model_id, self.store.submitter("client", client), "web", data, kind)
+        return correction(digit, label, probs, self.model_id, self.store.submitter("client", client), "web", data, kind)
+
+    def append(self, record: Record) -> tuple[int, bytes]:
+        """(status, JSON body) once the record is on disk: waiting on the disk, run in the I/O pool."""
         try:
-            self.store.append(rec)
+            self.store.append(record)
         except StoreFull as exc:
             return 507, compact_json({"error": str(exc)})
-        return 201, compact_json({"id": rec.id, "label": label, "digit": rec.answer})
+        return 201, compact_json({"id": record.id, "label": record.label, "digit": record.answer})
 
 
 async def read_feedback(request: Request, max_upload: int) -> tuple[Upload, int] | Response:
@@ -347,9 +354,13 @@ class Service:
             if isinstance(parsed, Response):
                 return parsed
             upload, label = parsed
-            status, body = await asyncio.get_running_loop().run_in_executor(
-                self.pool, collector.record, self.model, upload, label, client, self.settings.max_pixels
+            loop = asyncio.get_running_loop()
+            record = await loop.run_in_executor(
+                self.pool, collector.scored, self.model, upload, label, client, self.settings.max_pixels
             )
+            if isinstance(record, Response):
+                return record
+            status, body = await loop.run_in_executor(collector.io, collector.append, record)
             return Response(body, status_code=status, media_type="application/json")
         finally:
             self.admitted -= 1
