@@ -13,6 +13,9 @@
   (`loadgen.heavy_files`: 64-MP PNGs, refused from their header, and 9-MP RGBA PNGs, prepared),
   with `/healthz` timed by a second `ab` meanwhile, one request at a time: its p99, and the
   worker's peak memory;
+- `POST /feedback` (with `--feedback`, the same upload and a label) against `/predict` on the same
+  2-worker server, alternated over ROUNDS rounds: requests/s, latency, peak memory; every 201 is a
+  record fdatasync'd to a fresh store (docs/feedback.md);
 - where a request's CPU goes: each step of one request timed in this process (multipart parsing,
   decoding, preparation, inference, the answer's PNG and JSON), median of repeats.
 """
@@ -34,6 +37,7 @@ from PIL import Image
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 
+import bench_feedback
 import common
 import loadgen
 from mnist_pipeline import images
@@ -188,6 +192,15 @@ def main() -> None:
                       f"RSS {run['rss_mb_by_process']} MB; /healthz {run['healthz']['requests_per_second']:.0f} req/s")
         for workers, runs in results["rounds"].items():
             results[f"median_round_{workers}_worker"] = sorted(runs, key=lambda r: r["requests_per_second"])[len(runs) // 2]
+        feedback, feedback_kind = loadgen.multipart([("file", "digit.png", "image/png", upload)], {"label": "7"})
+        (Path(tmp) / "feedback.bin").write_bytes(feedback)
+        rounds = []
+        for i in range(ROUNDS):
+            rounds.append(bench_feedback.feedback_throughput(
+                model, Path(tmp) / f"store{i}", Path(tmp) / "feedback.bin", feedback_kind, Path(tmp) / "body.bin", kind))
+            print(f"/feedback round {i + 1}: {rounds[-1]}")
+        results["feedback"] = {"rounds": rounds, "median_round": sorted(
+            rounds, key=lambda r: r["feedback"]["requests_per_second"])[len(rounds) // 2]}
         results["stall"] = stall(model, Path(tmp))
         print(f"stall: {results['stall']}")
     results["cpu_us_per_request"] = cpu_breakdown(model, upload)
