@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import pytest
 import yaml
 
 from mnist_pipeline.datasets import DATASETS
@@ -179,6 +180,9 @@ def served(model: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# The browser tests' one skip condition (under CI=true conftest turns the skip into a failure).
+needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 
 
 @contextlib.contextmanager

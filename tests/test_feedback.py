@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import BIN, CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, loadgen, served, wait_answers
+from helpers import needs_chromium, BIN, chromium, draw_strokes, loadgen, served, wait_answers
 from mnist_pipeline.feedback import curate
 from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction, read_store
 
@@ -203,8 +203,7 @@ def test_kill_9_under_load_loses_no_acknowledged_record(exported_models, tmp_pat
     assert all("torn frame" in t for t in result.torn)  # at most a tail each, never a damaged middle
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
-                                                             "(.ci/run installs them)")
+@needs_chromium
 def test_page_draw_correct_and_the_record_exists(collecting, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import CHROMEDRIVER, CHROMIUM, DVC, chromium, draw_strokes, git_repo_env, run, served, trace, wait_answers
+from helpers import needs_chromium, DVC, chromium, draw_strokes, git_repo_env, run, served, trace, wait_answers
 from mnist_pipeline import calibration, exported, processed
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.datasets import DATASETS
@@ -114,7 +114,7 @@ def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
     assert drawn_acc >= test_acc - 0.02
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+@needs_chromium
 def test_page_reads_digits_drawn_in_chromium(project, tmp_path):
     """Strokes retracing real test digits, drawn with pointer events on the page, read by the trained model."""
     from selenium.webdriver.common.by import By

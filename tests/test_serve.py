@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import CHROMEDRIVER, CHROMIUM, chromium, draw_strokes, loadgen, served, wait_answers
+from helpers import needs_chromium, chromium, draw_strokes, loadgen, served, wait_answers
 
 GOOD = loadgen.digit_png(140, 110)
 CARD = {"model": "cnn", "parameters": 1234, "test_accuracy": 0.5, "classes": list("0123456789")}
@@ -213,8 +213,7 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
-                                                             "(.ci/run installs them)")
+@needs_chromium
 def test_page_draws_uploads_and_shows_what_the_model_saw(server, tmp_path):
     from selenium.webdriver.common.by import By
 
