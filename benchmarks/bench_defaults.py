@@ -1,10 +1,12 @@
-"""The shipped recipes: params.yaml's default and the two record recipes, seeds 1–5, same run.
+"""The shipped recipes: params.yaml's default and the two record recipes, seeds 1–3, same run.
 
     python benchmarks/bench_defaults.py          # needs data/processed (dvc repro preprocess)
 
 Each recipe is `dvc exp run -S` overrides of params.yaml, trained as the train stage trains it
-(benchmarks/common.py's train_and_score) at seeds 1–5, seed by seed through the recipes so
-the hour's drift falls on all alike:
+(benchmarks/common.py's train_and_score) at seeds 1–3, seed by seed through the recipes so
+the hour's drift falls on all alike. Three seeds, not five: the claims are means to a tenth of a
+point, and the seed-to-seed spread (0.04–0.06 points) puts three seeds' mean within about 0.04 of
+five's, at 21 minutes instead of 35 on the CI machine:
 - `mlp-default`: params.yaml as committed (`dvc repro`);
 - `cnn`: `-S model=cnn`, the record CNN (19,936 parameters, 9 test-time views);
 - `mlp-distilled`: the record MLP, distilled from `cnn` of the same seed (what the teacher
@@ -18,6 +20,8 @@ import time
 
 import common
 from common import Recipe
+
+SEEDS = (1, 2, 3)
 
 # The record MLP: what params.yaml shipped at f1c286a (docs/frontier.md), as overrides of today's file.
 DISTILLED = ["mlp.train.distill.teacher=cnn", "mlp.train.epochs=32", "mlp.train.batch_size=256",
@@ -43,7 +47,7 @@ def shipped(summary: dict, summaries: list[dict]) -> dict:
 
 
 def save(summaries: list[dict], started: float) -> None:
-    common.save("defaults", {"seeds": list(common.SEEDS), "recipes": summaries,
+    common.save("defaults", {"seeds": list(SEEDS), "recipes": summaries,
                              "shipped": [shipped(s, summaries) for s in summaries],
                              "params": {m: common.defaults().section(m) for m in ("mlp", "cnn")},
                              "bench_seconds": round(time.perf_counter() - started, 1)})
@@ -51,7 +55,7 @@ def save(summaries: list[dict], started: float) -> None:
 
 def main() -> None:
     started = time.perf_counter()
-    common.measure(RECIPES, after_round=lambda summaries: save(summaries, started))
+    common.measure(RECIPES, SEEDS, after_round=lambda summaries: save(summaries, started))
 
 
 if __name__ == "__main__":

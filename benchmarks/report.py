@@ -5,9 +5,10 @@
 
 A block lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` and is replaced wholesale, so a
 document shows what the benchmarks measured. A results file names the commit of the code that
-produced it. It is stale when anything it measured changed since: its script, benchmarks/common.py,
-params.yaml, dvc.yaml or the package (`git diff COMMIT HEAD -- …`). `--check` fails on a stale file
-that a block in README.md or docs/ quotes; benchmarks/README.md lists every file with its state.
+produced it. It is stale when one of its inputs changed since: its code (the import closure of its
+script and of the commands it runs), the params.yaml keys it reads, the DVC outputs it reads
+(depends.py). `--check` fails on a stale file that a block in README.md or docs/ quotes;
+benchmarks/README.md lists every file with its state. It imports neither torch nor the package.
 Archived decision records (benchmarks/archive/) are history: quoted with their commit, never stale.
 """
 
@@ -16,26 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import common
+import depends
+from depends import RESULTS, script_of, staleness
 
-ROOT = common.ROOT
+ROOT = depends.ROOT
 ARCHIVE = ROOT / "benchmarks" / "archive" / "results"
 FRONTIER_PNG = ROOT / "docs" / "frontier.png"
 GOALS = {"cnn": (0.996, "CNN ≤ 20,000 parameters: ≥ 99.6 % mean test accuracy over seeds 1–5"),
          "mlp": (0.992, "MLP: ≥ 99.2 % mean over seeds 1–5")}
-# What a results file measured, besides its own script: a change to any of these makes it stale.
-MEASURED = ["benchmarks/common.py", "params.yaml", "dvc.yaml", "mnist_pipeline"]
-# The script behind each results file, where it is not bench_<name>.py.
-SCRIPTS = {"sweep_cluster": "benchmarks/bench_sweep.py"}
 DOCUMENTS = ["README.md", "docs", "benchmarks/README.md"]
 
 
-def load(name: str, folder: Path = common.RESULTS) -> dict | None:
+def load(name: str, folder: Path = RESULTS) -> dict | None:
     path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -48,32 +45,15 @@ def secs(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f} s"
 
 
-def script_of(name: str) -> str:
-    return SCRIPTS.get(name, f"benchmarks/bench_{name}.py")
-
-
-def staleness(name: str, result: dict, root: Path = ROOT) -> str | None:
-    """Why a results file no longer describes the code at HEAD of `root`, or None when it does."""
-    commit = str(result.get("commit", "unknown"))
-    if result.get("dirty", False):
-        return f"measured on uncommitted changes to `{commit[:7]}`"
-    paths = [script_of(name), *MEASURED]
-    try:
-        changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--", *paths], cwd=root,
-                                 capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return f"`{commit[:7]}` is not in this repository's history"
-    if changed:
-        shown = ", ".join(f"`{c}`" for c in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
-        return f"{shown} changed since `{commit[:7]}`"
-    return None
-
-
 # ---------------------------------------------------------------- the README's blocks
 
 
 def shipped(r: dict, name: str) -> dict:
     return next(row for row in r["shipped"] if row["recipe"] == name)
+
+
+def seed_range(seeds: list[int]) -> str:
+    return f"{seeds[0]}–{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
 
 
 def figures(row: dict) -> str:
@@ -88,7 +68,7 @@ def headline() -> str:
         return ""
     mlp, cnn, distilled = (shipped(r, n) for n in ("mlp-default", "cnn", "mlp-distilled"))
     return (f"On a 2-core CPU a fresh clone's `dvc repro` takes {secs(first['median_seconds'])} and gives an MLP with "
-            f"{figures(mlp)} test accuracy (mean ± std over seeds 1–5). The record recipes are one command away: "
+            f"{figures(mlp)} test accuracy (mean ± std over seeds {seed_range(r['seeds'])}). The record recipes are one command away: "
             f"the {cnn['params']:,}-parameter CNN reaches {figures(cnn)} with {secs(cnn['total_train_seconds'])} of "
             f"training, the MLP distilled from it {figures(distilled)} with "
             f"{secs(distilled['total_train_seconds'])} (its teacher's included); see [Results](#results).\n")
@@ -138,7 +118,7 @@ def records() -> str:
     for name in ("cnn", "mlp-distilled"):
         row = shipped(r, name)
         overrides = " ".join(f"-S {o}" for o in row["overrides"])
-        lines += [f"- `{name}`: {figures(row)} test accuracy over seeds 1–5, {secs(row['total_train_seconds'])} of "
+        lines += [f"- `{name}`: {figures(row)} test accuracy over seeds {seed_range(r['seeds'])}, {secs(row['total_train_seconds'])} of "
                   "training" + (" counting its teacher's" if row["teacher_seconds"] else "") + ":", "",
                   f"  ```bash\n  dvc exp run {overrides}\n  ```", ""]
     return "\n".join(lines)
@@ -190,6 +170,14 @@ def serve() -> str:
                   f"** ({two['requests_per_second']:,.0f}/s, {ms(two['latency_ms']['p99'])}, {two['rss_mb_total']} MB); "
                   f"≥ 500 requests/s with 1 worker: **{'met' if one['requests_per_second'] >= 500 else 'missed'}** "
                   f"({one['requests_per_second']:,.0f}/s)."]
+    if "feedback" in r:
+        server = r["feedback"]["median_round"]
+        fb, pr = server["feedback"], server["predict"]
+        lines += ["", f"`POST /feedback` (`--feedback`, the same PNG and a label, every 201 fdatasync'd) on the "
+                      f"2-worker server: {fb['requests_per_second']:,.0f} requests/s, p99 {ms(fb['latency_ms']['p99'])}, "
+                      f"{fb['non_2xx']} non-2xx of {fb['requests']:,}, against `/predict`'s "
+                      f"{pr['requests_per_second']:,.0f} requests/s on the same server in the same round "
+                      f"({server['feedback_share_of_predict']:.2f}×), median of {len(r['feedback']['rounds'])} rounds."]
     return "\n".join(lines) + "\n"
 
 
@@ -366,27 +354,26 @@ def replace_block(text: str, name: str, body: str) -> str:
 # ---------------------------------------------------------------- benchmarks/README.md
 
 
-WHEN = {
-    "defaults": "params.yaml's recipes, the training code or the data changed",
-    "first_run": "anything a `dvc repro` runs changed: stages, params, dvc.yaml, the package",
-    "canonical": "the training code or the CNN recipe changed",
-    "serve": "serving, images or the exported model changed",
-    "sweep_cluster": "mnist-sweep, the Ray or DVC versions, or the MLP recipe changed",
-    "fashion_mnist": "the CNN recipe or the datasets registry changed",
-    "train": "the training loop or data pipeline changed",
-    "inference": "export, exported-model loading or test-time views changed",
-    "feedback": "the feedback package, the curate stage, serving or the MLP recipe changed",
-}
+def inputs_text(name: str) -> str:
+    """What makes a results file stale, as depends.py reads it."""
+    inputs = depends.inputs_of(name)
+    parts = [f"{len(depends.code_of(name))} files of code"]
+    if inputs.pipeline:
+        parts.append("every stage, dvc.yaml and params.yaml")
+    parts += [f"`{c}`" for c in inputs.commands]
+    parts += [f"params `{', '.join(inputs.params)}`"] if inputs.params else []
+    parts += [f"`{d}`" for d in inputs.data]
+    return ", ".join(parts)
 
 
 def status() -> str:
     """Every maintained results file and the commit it was measured at (which are stale depends on HEAD:
     `report.py --check` says)."""
-    lines = ["| benchmark | results file | measured at | rerun when |", "|---|---|---|---|"]
-    for path in sorted(common.RESULTS.glob("*.json")):
+    lines = ["| benchmark | results file | measured at | stale when one of these changed |", "|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         lines.append(f"| `{script_of(path.stem)}` | `{path.name}` | `{str(result.get('commit'))[:7]}` | "
-                     f"{WHEN.get(path.stem, '–')} |")
+                     f"{inputs_text(path.stem)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -405,6 +392,10 @@ BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
     "feedback": (feedback_block, ["feedback", "serve"]),
     "status": (status, []),
 }
+
+
+# Blocks no document shows until their results file is re-measured (the document says so in their place).
+WITHDRAWN = {"feedback"}
 
 
 def documents() -> list[Path]:
@@ -449,7 +440,7 @@ def check(renderings: dict[str, str]) -> list[str]:
                 if why:
                     problems.append(f"{doc.relative_to(ROOT)}: block `{name}` quotes {quoted}.json, which is "
                                     f"stale ({why}): re-measure with `python {script_of(quoted)}`")
-    for path in sorted(common.RESULTS.glob("*.json")):
+    for path in sorted(RESULTS.glob("*.json")):
         why = staleness(path.stem, json.loads(path.read_text()))
         if why and not any(path.stem in quoted for _, quoted in BLOCKS.values()):
             print(f"note: {path.name} is stale ({why}); nothing quotes it", file=sys.stderr)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import benchmark_module
-
+from helpers import ROOT, benchmark_module
 
 common = benchmark_module("common")
 report = benchmark_module("report")
+depends = sys.modules["depends"]  # the module report.py reads its table from
 
 
 def git(repo: Path, *args: str) -> str:
@@ -63,39 +64,109 @@ def test_code_changed_during_the_run_is_refused(repo):
         common.traced(started, common.provenance(repo), allow_dirty=False)
 
 
+FILES = {
+    "benchmarks/bench_x.py": "import helper\nfrom mnist_pipeline import engine\n\ndef late():\n    import mnist_pipeline.images\n",
+    "benchmarks/helper.py": "X = 1\n",
+    "benchmarks/bench_other.py": "print(1)\n",
+    "mnist_pipeline/__init__.py": "",
+    "mnist_pipeline/engine.py": "from mnist_pipeline.fileio import write\n",
+    "mnist_pipeline/fileio.py": "A = 1\n",
+    "mnist_pipeline/images.py": "A = 1\n",
+    "mnist_pipeline/feedback/__init__.py": "",
+    "mnist_pipeline/feedback/curate.py": "A = 1\n",
+    "mnist_pipeline/serving/__init__.py": "",
+    "mnist_pipeline/serving/server.py": "from mnist_pipeline.serving import app\n",
+    "mnist_pipeline/serving/app.py": "A = 1\n",
+    "stages/train.py": "from mnist_pipeline import engine\n",
+    "pyproject.toml": '[project]\nname = "x"\n[project.scripts]\nmnist-serve = "mnist_pipeline.serving.server:main"\n',
+    "params.yaml": "seed: 1\nmlp:\n  lr: 0.1\ncnn:\n  lr: 0.2\n",
+    "dvc.yaml": "stages:\n  train:\n    cmd: python stages/train.py\n    deps: [stages/train.py, mnist_pipeline/engine.py]\n",
+    "dvc.lock": "schema: '2.0'\nstages:\n  prep:\n    outs:\n    - path: data/processed\n      md5: aaa.dir\n"
+                "    - path: models/export\n      md5: bbb.dir\n",
+    "README.md": "# x\n",
+}
+
+
 @pytest.fixture
-def measured(tmp_path):
-    """A repository whose benchmark measured its package at the first commit."""
-    for path, text in {"benchmarks/bench_x.py": "print(1)\n", "mnist_pipeline/engine.py": "A = 1\n",
-                       "params.yaml": "seed: 1\n", "dvc.yaml": "stages: {}\n", "README.md": "# x\n"}.items():
+def measured(tmp_path, monkeypatch):
+    """A repository whose benchmark `x` (mlp params, the processed data, mnist-serve) was measured at the first
+    commit, and a benchmark `whole` that runs the pipeline."""
+    for path, text in FILES.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(text)
     git(tmp_path, "init", "-q", "-b", "main")
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "measured")
+    monkeypatch.setitem(depends.INPUTS, "x", depends.Inputs(params=("mlp",), data=("data/processed",),
+                                                            commands=("mnist-serve",)))
+    monkeypatch.setitem(depends.INPUTS, "whole", depends.Inputs(pipeline=True))
     return tmp_path, {"commit": git(tmp_path, "rev-parse", "HEAD"), "dirty": False}
 
 
-@pytest.mark.parametrize("path", ["benchmarks/bench_x.py", "mnist_pipeline/engine.py", "params.yaml", "dvc.yaml",
-                                  "mnist_pipeline/feedback/new.py"])
-def test_a_results_file_is_stale_once_anything_it_measured_changed(measured, path):
-    repo, result = measured
-    assert report.staleness("x", result, repo) is None
+def commit_change(repo: Path, path: str, text: str) -> None:
     (repo / path).parent.mkdir(parents=True, exist_ok=True)
-    (repo / path).write_text("changed\n")
+    (repo / path).write_text(text)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "change")
+
+
+@pytest.mark.parametrize("path", ["benchmarks/bench_x.py", "benchmarks/helper.py", "mnist_pipeline/engine.py",
+                                  "mnist_pipeline/fileio.py", "mnist_pipeline/images.py",
+                                  "mnist_pipeline/serving/app.py", "mnist_pipeline/__init__.py"])
+def test_a_results_file_is_stale_once_code_it_runs_changed(measured, path):
+    """Its script, a sibling it imports, a module imported by a module it imports, a function-level import,
+    a module of the command it runs, a package's __init__ on the way."""
+    repo, result = measured
+    assert report.staleness("x", result, repo) is None
+    commit_change(repo, path, "changed = 1\n")
     assert f"`{path}` changed since `{result['commit'][:7]}`" in report.staleness("x", result, repo)
 
 
-def test_prose_and_results_do_not_make_a_results_file_stale(measured):
+@pytest.mark.parametrize("path", ["mnist_pipeline/feedback/curate.py", "benchmarks/bench_other.py", "README.md",
+                                  "benchmarks/results/x.json", "stages/train.py", "dvc.yaml"])
+def test_code_it_does_not_run_leaves_it_fresh(measured, path):
     repo, result = measured
-    (repo / "README.md").write_text("# y\n")
-    (repo / "benchmarks" / "results").mkdir(parents=True)
-    (repo / "benchmarks" / "results" / "x.json").write_text("{}")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "prose")
+    commit_change(repo, path, "changed = 1\n")
     assert report.staleness("x", result, repo) is None
+
+
+def test_only_the_params_keys_it_reads_make_it_stale(measured):
+    repo, result = measured
+    commit_change(repo, "params.yaml", "seed: 2\nmlp:\n  lr: 0.1\ncnn:\n  lr: 0.3\n")
+    assert report.staleness("x", result, repo) is None
+    assert "params.yaml: cnn" in report.staleness("whole", result, repo)  # the pipeline reads every key
+    commit_change(repo, "params.yaml", "seed: 2\nmlp:\n  lr: 0.2\ncnn:\n  lr: 0.3\n")
+    assert "`params.yaml: mlp` changed" in report.staleness("x", result, repo)
+
+
+def test_only_the_data_it_reads_makes_it_stale(measured):
+    repo, result = measured
+    commit_change(repo, "dvc.lock", FILES["dvc.lock"].replace("bbb.dir", "ccc.dir"))
+    assert report.staleness("x", result, repo) is None
+    commit_change(repo, "dvc.lock", FILES["dvc.lock"].replace("aaa.dir", "ddd.dir"))
+    assert "`data/processed (dvc.lock)` changed" in report.staleness("x", result, repo)
+
+
+@pytest.mark.parametrize("path", ["stages/train.py", "dvc.yaml", "mnist_pipeline/fileio.py"])
+def test_a_benchmark_that_runs_the_pipeline_depends_on_every_stage(measured, path):
+    repo, result = measured
+    assert report.staleness("whole", result, repo) is None
+    commit_change(repo, path, FILES[path] + "# changed\n")
+    assert f"`{path}` changed" in report.staleness("whole", result, repo)
+
+
+@pytest.mark.parametrize("path, stale", [("mnist_pipeline/feedback/curate.py", False),
+                                         ("mnist_pipeline/serving/app.py", True)])
+def test_this_repositorys_serving_figures_follow_serving_not_curation(tmp_path, path, stale):
+    """The real closure of bench_serve.py: editing the curate step keeps serve.json fresh, editing the app does not."""
+    repo = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    result = {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}
+    assert report.staleness("serve", result, repo) is None
+    with (repo / path).open("a") as handle:
+        handle.write("# an edit\n")
+    git(repo, "commit", "-qam", "edit")
+    assert (report.staleness("serve", result, repo) is not None) is stale
 
 
 def test_a_dirty_or_unknown_measurement_is_stale(measured):
