@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import DVC, TINY, copy_baseline, run, tiny_repo
 from mnist_pipeline import export, exported
 from mnist_pipeline.models import CNN
 from mnist_pipeline.params import parse_params
@@ -34,6 +35,27 @@ def exported_models(tmp_path_factory):
     export.export_onnx(model, folder / "model.onnx", 18, META)
     export.export_pt2(model, folder / "model.pt2", META)
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tmp_path_factory):
+    """The tiny pipeline (helpers.TINY) reproduced once per test run with the real `dvc` and committed as
+    "baseline: mlp": (repo, env, the first `dvc repro`'s stdout). No test changes it: each works on a copy
+    (`tiny_project`) or a clone, so any order and `-k` work."""
+    if DVC is None:
+        pytest.skip("dvc is not installed")
+    repo, env = tiny_repo(tmp_path_factory.mktemp("baseline"), TINY)
+    run(["git", "commit", "-qam", "tiny params"], repo, env)
+    repro = run([DVC, "repro"], repo, env).stdout
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline: mlp"], repo, env)
+    return repo, env, repro
+
+
+@pytest.fixture
+def tiny_project(tiny_baseline, tmp_path):
+    """A private copy of the committed baseline: (repo, env)."""
+    return copy_baseline(tiny_baseline, tmp_path / "repo")
 
 
 @pytest.hookimpl(hookwrapper=True)

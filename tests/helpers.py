@@ -8,13 +8,17 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import pytest
@@ -127,6 +131,24 @@ def tiny_repo(work: Path, changes: dict) -> tuple[Path, dict[str, str]]:
     return repo, env
 
 
+# The tiny pipeline every dvc test starts from (conftest's session-scoped `tiny_baseline` reproduces it once).
+TINY = {
+    "data": {"val_size": 100},
+    "mlp": {"hidden": [32], "dropout": 0.0,
+            "train": {"epochs": 2, "batch_size": 64, "ema": 0.0, "distill": {"teacher": "none"}}},
+    "cnn": {"channels": [[4], [8]], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
+    "evaluate": {"batch_size": 100},
+    "export": {"parity_samples": 50},
+}
+
+
+def copy_baseline(baseline: tuple[Path, dict[str, str], str], dest: Path) -> tuple[Path, dict[str, str]]:
+    """A private copy of the reproduced baseline (workspace, git and DVC cache) at `dest`: (repo, env there)."""
+    source, env, _ = baseline
+    shutil.copytree(source, dest, symlinks=True)
+    return dest, {**env, "PYTHONPATH": str(dest)}
+
+
 def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
     """Copy the repository into `repo`, commit it, and return the environment for dvc runs there."""
     copy_repo(repo)
@@ -150,6 +172,17 @@ def benchmark_module(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def load_stage(name: str):
+    """stages/NAME.py as a module (the stage scripts are not a package), to call its `main` in this process."""
+    module_name = f"stage_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "stages" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[module_name] = module
+    return sys.modules[module_name]
 
 
 # benchmarks/loadgen.py: the sample uploads (and load generator) the serving benchmark uses too.
@@ -177,6 +210,55 @@ def served(model: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
             proc.kill()
             raise AssertionError("mnist-serve did not stop on Ctrl-C") from None
     assert proc.returncode == 0 and "stopped" in rest and "Traceback" not in err, (proc.returncode, rest, err)
+
+
+def _response_complete(got: bytes) -> bool:
+    head, found, body = got.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return length is not None and len(body) >= int(length.group(1))
+
+
+def exchange(url: str, head: bytes, chunks: Iterable[bytes] = (), timeout: float = 30) -> tuple[int, bytes, bytes]:
+    """One HTTP/1.1 request over a socket: send `head`, then `chunks` while the server has not answered;
+    return its one response as (status, header block, body).
+
+    The response is read while the body is still being sent, as RFC 9110 asks of a client: a server may
+    refuse an upload (413) and close before it has all arrived, and a client that reads only after
+    sending everything then sees a broken pipe or a reset instead of the answer."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    got, answered = bytearray(), threading.Event()
+
+    def read() -> None:
+        try:
+            while not _response_complete(bytes(got)):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got.extend(chunk)
+        except OSError:
+            pass
+        finally:
+            answered.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        sock.sendall(head)
+        for chunk in chunks:
+            if answered.is_set():
+                break
+            sock.sendall(chunk)
+    except OSError:
+        pass  # the server answered and closed while the body was still on its way
+    reader.join(timeout)
+    sock.close()
+    response, _, body = bytes(got).partition(b"\r\n\r\n")
+    status = re.match(rb"HTTP/1\.1 (\d{3}) ", response)
+    assert status, f"no HTTP response: {bytes(got)[:200]!r}"
+    return int(status.group(1)), response, body
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

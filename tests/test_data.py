@@ -118,6 +118,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_preprocess_twice_gives_identical_bytes(tmp_path):
     write_mirror(tmp_path / "raw", n_train=300, n_test=50, compressed=False)
     params = tmp_path / "params.yaml"

@@ -323,6 +323,7 @@ def test_every_dataset_pins_payloads_or_says_why_not():
         assert len({f.size for f in spec.files}) == 4
 
 
+@pytest.mark.slow
 def test_stale_temp_files_are_removed_by_the_download_stage(tmp_path):
     import subprocess
     import sys

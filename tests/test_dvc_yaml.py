@@ -70,6 +70,7 @@ def params_read(script: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.slow
 def test_stage_code_deps_are_exactly_the_imported_modules(name):
     stage = STAGES[name]
     script = stage["cmd"].split()[1]
@@ -96,6 +97,7 @@ def test_the_teacher_does_not_depend_on_its_students_recipe():
     assert SELECTED_MODEL not in declared and "mlp" not in declared
 
 
+@pytest.mark.slow
 def test_download_does_not_import_torch():
     probe = IMPORTED.split("from mnist_pipeline")[0] + "print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe, str(ROOT / "stages/download.py")],

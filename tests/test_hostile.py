@@ -162,6 +162,7 @@ def eps_file() -> bytes:
             b"newpath 10 4 moveto 10 24 lineto 4 setlinewidth stroke\nshowpage\n%%EOF\n")
 
 
+@pytest.mark.slow
 def test_eps_is_never_rendered(exported_models, tmp_path):
     # Pillow renders EPS by running Ghostscript. A fake `gs` first on PATH would leave a mark.
     fake_bin = tmp_path / "bin"

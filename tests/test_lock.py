@@ -10,7 +10,7 @@ import yaml
 
 from helpers import DVC, ROOT, git_repo_env, run
 
-pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 CHECK = [sys.executable, str(ROOT / "scripts" / "check_lock.py")]
 
 

@@ -111,6 +111,7 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
 
 
+@pytest.mark.slow
 def test_stage_exits_2_with_one_line(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(with_change("model", "cnnn")))

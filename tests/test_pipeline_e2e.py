@@ -4,52 +4,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 
 import pytest
 import yaml
 
-from helpers import DVC, ROOT, run, tiny_repo
+from helpers import DVC, ROOT, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed")]
 
 ACCURACY_FLOOR = 0.5
-TINY = {
-    "data": {"val_size": 100},
-    "mlp": {"hidden": [32], "dropout": 0.0,
-            "train": {"epochs": 2, "batch_size": 64, "ema": 0.0, "distill": {"teacher": "none"}}},
-    "cnn": {"channels": [[4], [8]], "dropout": 0.0, "train": {"epochs": 2, "batch_size": 64, "ema": 0.0}},
-    "evaluate": {"batch_size": 100},
-    "export": {"parity_samples": 50},
-}
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """The tiny pipeline reproduced once and committed ("baseline: mlp"): (repo, env, repro's stdout)."""
-    repo, env = tiny_repo(tmp_path_factory.mktemp("e2e"), TINY)
-    run(["git", "commit", "-qam", "tiny params"], repo, env)
-    repro = run([DVC, "repro"], repo, env).stdout
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "baseline: mlp"], repo, env)
-    return repo, env, repro
-
-
-@pytest.fixture
-def project(baseline, tmp_path):
-    """A private copy of the committed baseline (workspace, git and DVC cache), so each test starts
-    from the same state whatever ran before it: `-k` and any order work."""
-    source, env, _ = baseline
-    repo = tmp_path / "repo"
-    shutil.copytree(source, repo, symlinks=True)
-    return repo, {**env, "PYTHONPATH": str(repo)}
-
-
-def test_repro_then_noop(baseline, project):
-    repo, env = project
-    result = baseline[2]  # the first `dvc repro`, on an empty cache
+def test_repro_then_noop(tiny_baseline, tiny_project):
+    repo, env = tiny_project
+    result = tiny_baseline[2]  # the first `dvc repro`, on an empty cache
     for stage in ("download", "preprocess", "teacher", "train", "evaluate", "export"):
         assert f"Running stage '{stage}'" in result
     stats = json.loads((repo / "data/processed/stats.json").read_text())
@@ -75,8 +45,8 @@ def test_repro_then_noop(baseline, project):
     assert "up to date" in status.stdout
 
 
-def test_outputs_are_tracked_by_dvc_not_git(baseline, project):
-    repo, env = project
+def test_outputs_are_tracked_by_dvc_not_git(tiny_project):
+    repo, env = tiny_project
     # The baseline commit took `git add -A` after `dvc repro`: what it holds is what git tracks.
     committed = set(run(["git", "show", "--name-only", "--format=", "HEAD"], repo, env).stdout.split())
     # The small, byte-stable outputs live in git (cache: false); the large ones are ignored.
@@ -90,8 +60,8 @@ def test_outputs_are_tracked_by_dvc_not_git(baseline, project):
     assert len(ignored) == 5, ignored
 
 
-def test_experiment_metrics_and_plots(project, tmp_path):
-    repo, env = project
+def test_experiment_metrics_and_plots(tiny_project, tmp_path):
+    repo, env = tiny_project
     run([DVC, "exp", "run", "-S", "model=cnn", "-n", "cnn-exp"], repo, env)
     assert json.loads((repo / "metrics/train.json").read_text())["params"] < 2000  # the tiny CNN
 
@@ -118,8 +88,8 @@ def test_experiment_metrics_and_plots(project, tmp_path):
     assert params_diff["params.yaml"]["model"] == {"old": "mlp", "new": "cnn"}
 
 
-def test_queued_sweep_shows_in_exp_show(project):
-    repo, env = project
+def test_queued_sweep_shows_in_exp_show(tiny_project):
+    repo, env = tiny_project
     for lr in ("0.01", "0.02"):
         run([DVC, "exp", "run", "--queue", "-S", f"mlp.train.lr={lr}", "-n", f"lr-{lr}"], repo, env)
     run([DVC, "queue", "start", "-j", "1"], repo, env)
@@ -140,8 +110,8 @@ def test_queued_sweep_shows_in_exp_show(project):
     assert {"val.acc", "train.loss", "step"} <= set(header)  # DVCLive's per-epoch metrics
 
 
-def test_editing_the_unused_models_section_reruns_nothing(project):
-    repo, env = project
+def test_editing_the_unused_models_section_reruns_nothing(tiny_project):
+    repo, env = tiny_project
     run(["git", "checkout", "-q", "--", "."], repo, env)
     run([DVC, "checkout", "-q"], repo, env, check=False)
     assert "up to date" in run([DVC, "status"], repo, env).stdout
@@ -162,10 +132,10 @@ def test_editing_the_unused_models_section_reruns_nothing(project):
 
 
 
-def test_the_teacher_is_trained_once_and_tuning_its_student_keeps_it(project):
+def test_the_teacher_is_trained_once_and_tuning_its_student_keeps_it(tiny_project):
     import torch
 
-    repo, env = project
+    repo, env = tiny_project
     empty = torch.load(repo / "models/teacher/logits.pt", weights_only=True)
     assert empty.shape == (0, 10)  # the baseline has no teacher
     first = run([DVC, "exp", "run", "-S", "mlp.train.distill.teacher=cnn"], repo, env).stdout
@@ -182,9 +152,9 @@ def test_the_teacher_is_trained_once_and_tuning_its_student_keeps_it(project):
     assert torch.equal(torch.load(repo / "models/teacher/logits.pt", weights_only=True), logits)
 
 
-def test_pull_request_report(project):
+def test_pull_request_report(tiny_project):
     """scripts/pr_report.py, the step the CI workflow (.github/workflows/report.yml) comments with CML."""
-    repo, env = project
+    repo, env = tiny_project
     run(["git", "checkout", "-q", "--", "."], repo, env)
     run([DVC, "checkout", "-q", "-f"], repo, env, check=False)
     run([DVC, "repro"], repo, env)
@@ -208,9 +178,9 @@ def test_pull_request_report(project):
     run(["git", "checkout", "-q", "main"], repo, env)
     run([DVC, "checkout", "-q", "-f"], repo, env)
 
-def test_reproduction_check_passes_on_a_rerun_and_fails_on_moved_accuracy(project):
+def test_reproduction_check_passes_on_a_rerun_and_fails_on_moved_accuracy(tiny_project):
     """scripts/check_repro.py, CI's check that a rerun gives the committed numbers (last: it commits)."""
-    repo, env = project
+    repo, env = tiny_project
     run(["git", "checkout", "-q", "--", "."], repo, env)
     run([DVC, "checkout", "-q", "-f"], repo, env, check=False)
     run([DVC, "repro"], repo, env)  # nothing to do when the tests above ran

@@ -184,6 +184,7 @@ def test_missing_model_is_a_usage_error(inputs, capsys):
     assert "run `dvc repro`" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs_without_importing_torch(exported_models, inputs):
     _, folder = exported_models
     script = shutil.which("mnist-predict", path=str(BIN))

@@ -54,7 +54,9 @@ def test_params_defaults_are_the_recipes_measured_in_defaults_json():
     measured = json.loads((ROOT / "benchmarks/results/defaults.json").read_text())
     now = load_params(ROOT / "params.yaml")
     assert measured["params"] == {model: now.section(model) for model in ("mlp", "cnn")}
-    assert {r["name"]: len(r["seeds"]) for r in measured["recipes"]} == {"mlp-default": 5, "cnn": 5, "mlp-distilled": 5}
+    seeds = len(measured["seeds"])
+    assert seeds >= 3 and {r["name"]: len(r["seeds"]) for r in measured["recipes"]} == \
+        {"mlp-default": seeds, "cnn": seeds, "mlp-distilled": seeds}
     # The record commands the docs print are valid overrides of today's params.yaml.
     for row in measured["shipped"]:
         apply_overrides(now, row["overrides"])

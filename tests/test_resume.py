@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import write_mirror
+from helpers import load_stage, write_mirror
+from mnist_pipeline.stage import run
+
+pytestmark = pytest.mark.slow  # real processes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("checkpoint", "metrics", "history")
@@ -29,11 +32,11 @@ def setup(tmp_path_factory):
     params["mlp"].update(hidden=[256], dropout=0.1)
     params["mlp"]["train"].update(epochs=6, batch_size=32, ema=0.99)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"), str(work / "data"),
-                    "--params", str(work / "params.yaml")], check=True, capture_output=True)
-    subprocess.run([sys.executable, str(ROOT / "stages/teacher.py"), str(work / "data"), str(work / "teacher"),
-                    "--params", str(work / "params.yaml"), "--metrics", str(work / "teacher.json"),
-                    "--timing", str(work / "teacher_timing.json")], check=True, capture_output=True)
+    assert run(load_stage("preprocess").main, [str(work / "raw"), str(work / "data"),
+                                                "--params", str(work / "params.yaml")]) == 0
+    assert run(load_stage("teacher").main, [str(work / "data"), str(work / "teacher"), "--params",
+                                             str(work / "params.yaml"), "--metrics", str(work / "teacher.json"),
+                                             "--timing", str(work / "teacher_timing.json")]) == 0
     return work
 
 

@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import needs_chromium, chromium, draw_strokes, loadgen, served, wait_answers
+from helpers import chromium, draw_strokes, exchange, loadgen, needs_chromium, served, wait_answers
+
+pytestmark = pytest.mark.slow  # real processes
 
 GOOD = loadgen.digit_png(140, 110)
 CARD = {"model": "cnn", "parameters": 1234, "test_accuracy": 0.5, "classes": list("0123456789")}
@@ -116,46 +118,20 @@ def test_bad_uploads_get_their_4xx_and_the_next_request_is_served(server, files,
     assert proc.poll() is None
 
 
-def send_big(url: str, head: bytes, chunks) -> bytes:
-    """Send `head` then `chunks` until the server stops reading; return what it answered."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    answer = bytearray()
-
-    def read():
-        try:
-            while chunk := sock.recv(65536):
-                answer.extend(chunk)
-        except OSError:
-            pass
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
-        sock.sendall(head)
-        for chunk in chunks:
-            sock.sendall(chunk)
-    except OSError:
-        pass  # the server answered and closed while we were still sending: the point of the test
-    reader.join(30)
-    sock.close()
-    return bytes(answer)
-
-
 def test_oversized_upload_is_413_without_being_read(server):
     proc, url = server
     before = rss_kb(proc.pid)
     body, kind = loadgen.multipart([("file", "big.png", "image/png", GOOD + b"\0" * (20 << 20))])  # vs a 2 MB limit
     pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
     # Announced: refused from Content-Length before the body is read.
-    answer = send_big(url, loadgen.raw_request(url + "/predict", b"", kind).replace(
+    status, _, answer = exchange(url, loadgen.raw_request(url + "/predict", b"", kind).replace(
         b"Content-Length: 0", f"Content-Length: {len(body)}".encode()), pieces)
-    assert answer.startswith(b"HTTP/1.1 413") and b"limit" in answer
+    assert status == 413 and b"limit" in answer
     # Chunked: the size is unknown up front, so the server counts while reading and stops at the limit.
     head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
             "Transfer-Encoding: chunked\r\n\r\n").encode()
-    answer = send_big(url, head, (b"%x\r\n%s\r\n" % (len(p), p) for p in pieces))
-    assert answer.startswith(b"HTTP/1.1 413") and b"limit" in answer
+    status, _, answer = exchange(url, head, (b"%x\r\n%s\r\n" % (len(p), p) for p in pieces))
+    assert status == 413 and b"limit" in answer
     assert rss_kb(proc.pid) - before < 8 * 1024, "the server's memory grew by a large part of the upload"
     assert post(url, [("file", "ok.png", "image/png", GOOD)])[0] == 200
 

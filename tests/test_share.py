@@ -20,9 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import BIN, DVC, ROOT, git_repo_env, run, synthetic_digits, write_mirror
-from helpers import merge
-from test_pipeline_e2e import TINY
+from helpers import BIN, DVC, ROOT, copy_baseline, git_repo_env, run, synthetic_digits
 
 SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
 GTO = shutil.which("gto", path=str(BIN))
@@ -71,23 +69,20 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
+def team(tiny_baseline, tmp_path_factory):
+    """Machine A: a copy of the reproduced tiny baseline, pushed to a bare origin and to an ssh DVC remote."""
     work = tmp_path_factory.mktemp("share")
-    checksums = write_mirror(work / "mirror", n_train=600, n_test=200)
     with _load_sshd().sshd(work / "sshd") as server:
-        a = work / "a"
-        env = git_repo_env(a, MNIST_MIRROR=str(work / "mirror"), MNIST_CHECKSUMS=str(checksums))
+        a, env = copy_baseline(tiny_baseline, work / "a")
         t = Team(work, server, env)
-        params = merge(yaml.safe_load((a / "params.yaml").read_text()), TINY)
-        (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         run(["git", "init", "-q", "--bare", "-b", "main", str(t.origin)], work, env)
         t.git(a, "remote", "add", "origin", str(t.origin))
         t.dvc(a, "remote", "add", "-d", "storage", server.url(t.remote))
         t.dvc(a, "remote", "modify", "--local", "storage", "keyfile", str(server.key))
         assert "keyfile" not in (a / ".dvc/config").read_text()  # credentials stay out of git
-        t.dvc(a, "repro")
+        assert "Running stage" not in t.dvc(a, "repro").stdout
         t.git(a, "add", "-A")
-        t.git(a, "commit", "-qm", "tiny baseline with an ssh remote")
+        t.git(a, "commit", "-qm", "an ssh remote")
         t.git(a, "push", "-q", "-u", "origin", "main")
         pushed = t.dvc(a, "push")
         assert "pushed" in pushed.stdout

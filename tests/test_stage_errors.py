@@ -1,4 +1,7 @@
-"""Every stage, walked through its bad inputs: one line naming the file or key, a non-zero exit, no traceback."""
+"""Every stage, walked through its bad inputs: one line naming the file or key, a non-zero exit, no traceback.
+
+The cases run each stage's `main` in this process through `stage.run`, exactly what its `__main__` runs;
+a few run the script as a real process too, for the exit status and stderr a shell sees."""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import write_mirror
-from mnist_pipeline import processed
+from helpers import load_stage, write_mirror
+from mnist_pipeline import processed, stage as stage_runner
 from mnist_pipeline.checkpoint import Checkpoint, save_checkpoint
 from mnist_pipeline.models import MLP
 
@@ -31,9 +34,8 @@ def work(tmp_path_factory):
     mlp_train = params["mlp"]["train"]
     params["mlp"] = {**params["mlp"], "train": {**mlp_train, "distill": {**mlp_train["distill"], "teacher": "cnn"}}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, str(ROOT / "stages/preprocess.py"), str(work / "raw"),
-                             str(work / "data"), "--params", str(work / "params.yaml")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert stage_runner.run(load_stage("preprocess").main, [str(work / "raw"), str(work / "data"),
+                                                          "--params", str(work / "params.yaml")]) == 0
     torch.manual_seed(0)
     model = MLP([8], 0.0)
     save_checkpoint(work / "model.pt", Checkpoint(
@@ -53,8 +55,18 @@ def copy_data(work: Path, name: str) -> Path:
 
 
 def stage(name: str, *args: str, params: Path, env: dict[str, str] | None = None):
+    """The stage script as a real process: (its CompletedProcess)."""
     return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), *args, "--params", str(params)],
                           capture_output=True, text=True, env=env)
+
+
+def in_process(name: str, *args: str, params: Path, capsys, monkeypatch, env: dict[str, str]) -> tuple[int, str]:
+    """The stage's `main` run here as its `__main__` runs it: (exit code, stderr)."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    code = stage_runner.run(load_stage(name).main, [*args, "--params", str(params)])
+    return code, capsys.readouterr().err
 
 
 def train_args(work: Path, data: Path, teacher: Path | None = None) -> list[str]:
@@ -136,33 +148,64 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_and_a_non_zero_exit(work, case):
-    folder, pins = work
+def one_line(code: int, err: str, fragment: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+def prepared(folder: Path, case: str):
     (folder / "bad").mkdir(exist_ok=True)
     (folder / "empty-raw").mkdir(exist_ok=True)
-    name, args, extra_env, fragment = CASES[case](folder)
-    env = {**__import__("os").environ, "MNIST_CHECKSUMS": str(pins), **extra_env}
-    result = stage(name, *args, params=folder / "params.yaml", env=env)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    return CASES[case](folder)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_and_a_non_zero_exit(work, case, capsys, monkeypatch):
+    folder, pins = work
+    name, args, extra_env, fragment = prepared(folder, case)
+    code, err = in_process(name, *args, params=folder / "params.yaml", capsys=capsys, monkeypatch=monkeypatch,
+                           env={"MNIST_CHECKSUMS": str(pins), **extra_env})
+    one_line(code, err, fragment)
+
+
+@pytest.mark.parametrize("case", ["preprocess: raw file corrupt", "evaluate: checkpoint truncated"])
+@pytest.mark.slow
+def test_a_real_process_prints_the_one_line_and_exits_non_zero(work, case):
+    folder, pins = work
+    name, args, extra_env, fragment = prepared(folder, case)
+    result = stage(name, *args, params=folder / "params.yaml",
+                   env={**__import__("os").environ, "MNIST_CHECKSUMS": str(pins), **extra_env})
+    assert result.returncode == 1
+    one_line(result.returncode, result.stderr, fragment)
+
+
+ARGS = {"download": 1, "preprocess": 2, "curate": 1, "teacher": 2, "train": 1, "evaluate": 2, "export": 3}
+OPTIONS = {"teacher": ["--metrics=x", "--timing=x"],
+           "curate": [f"--{o}=x" for o in ("admitted", "users", "report", "figure", "quarantine")],
+           "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live", "state-dir")],
+           "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png", "misclassified-png",
+                                             "curves-png", "reliability-png")],
+           "export": ["--eval=x", "--metrics=x", "--card=x"]}
+TYPO = "error: params.yaml: mlp.train.lr = 'fast' is invalid: expected a finite number"
+
+
+@pytest.fixture
+def typo(tmp_path) -> Path:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**PARAMS, "mlp": {**PARAMS["mlp"], "train": {**PARAMS["mlp"]["train"], "lr": "fast"}}}))
+    return params
 
 
 @pytest.mark.parametrize("name", ["download", "preprocess", "curate", "teacher", "train", "evaluate", "export"])
-def test_params_typo_is_exit_2_in_every_stage(work, tmp_path, name):
-    folder, _ = work
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**PARAMS, "mlp": {**PARAMS["mlp"], "train": {**PARAMS["mlp"]["train"], "lr": "fast"}}}))
-    result = stage(name, *["x"] * {"download": 1, "preprocess": 2, "curate": 1, "teacher": 2, "train": 1,
-                                   "evaluate": 2, "export": 3}[name],
-                   *{"teacher": ["--metrics=x", "--timing=x"],
-                     "curate": [f"--{o}=x" for o in ("admitted", "users", "report", "figure", "quarantine")],
-                     "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live",
-                                                    "state-dir")],
-                     "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png",
-                                                       "misclassified-png", "curves-png", "reliability-png")],
-                     "export": ["--eval=x", "--metrics=x", "--card=x"]}.get(name, []), params=params)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: params.yaml: mlp.train.lr = 'fast' is invalid: expected a finite number"
+def test_params_typo_is_exit_2_in_every_stage(typo, name, capsys, monkeypatch):
+    code, err = in_process(name, *["x"] * ARGS[name], *OPTIONS.get(name, []), params=typo, capsys=capsys,
+                           monkeypatch=monkeypatch, env={})
+    assert code == 2 and err.strip() == TYPO
+
+
+@pytest.mark.slow
+def test_a_params_typo_exits_2_from_a_real_process(typo):
+    result = stage("train", "x", *OPTIONS["train"], params=typo)
+    assert result.returncode == 2 and result.stderr.strip() == TYPO
