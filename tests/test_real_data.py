@@ -1,4 +1,4 @@
-"""Real MNIST through the real pipeline: the committed numbers reproduced byte for byte, floors, mnist-predict.
+"""Real MNIST through the real pipeline: the committed numbers reproduced, byte-identical reruns, floors, mnist-predict.
 
 Runs only with MNIST_MIRROR set (CI points it at its local copy of the four files):
     MNIST_MIRROR=/path/to/mnist pytest -m realdata
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from helpers import ROOT, needs_chromium, DVC, chromium, draw_strokes, git_repo_env, run, served, trace, wait_answers
@@ -31,9 +32,11 @@ pytestmark = [
     pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
 ]
 
-# The record CNN trains for 18 epochs (5 min here): these tests check the pipeline on real files, so they train
-# it for 2; its accuracy is benchmarks/bench_defaults.py's claim.
-SHORT_CNN = ["-S", "model=cnn", "-S", "cnn.train.epochs=2"]
+BYTE_IDENTICAL = ("data/processed", "models/checkpoint.pt", "metrics/eval.json", "plots/confusion.json",
+                  "models/export")
+# The record CNN trains for 18 epochs (161-300 s on the CI machines): these tests check the pipeline on real
+# files, so they train it for 4 (99.37 % at seed 42); its accuracy is benchmarks/bench_defaults.py's claim.
+SHORT_CNN = ["-S", "model=cnn", "-S", "cnn.train.epochs=4"]
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +51,12 @@ def metrics(repo: Path, name: str) -> dict:
 
 
 def test_default_mlp_reproduces_the_committed_numbers(project):
-    """CI's reproduction check (scripts/check_repro.py): a fresh copy's `dvc repro` gives the committed
-    dvc.lock, metrics and plots, byte for byte on the machine kind that wrote them."""
+    """CI's reproduction check (scripts/check_repro.py): a fresh copy's `dvc repro` gives the committed test
+    accuracy within its tolerance. Bytes match only on the CPU that wrote dvc.lock until the pipeline pins
+    portable kernels (an AVX-512 machine gives another model), so they are reported, not required."""
     repo, env = project
     check = run([sys.executable, str(ROOT / "scripts" / "check_repro.py")], repo, env)
     print(check.stdout)
-    assert "byte-level: identical to the commit" in check.stdout
     stats = json.loads((repo / "data/processed/stats.json").read_text())
     assert stats["counts"] == {"train": 55_000, "val": 5_000, "test": 10_000}
     assert metrics(repo, "eval.json")["accuracy"] >= 0.985
@@ -73,6 +76,20 @@ def assert_calibrated(repo: Path) -> None:
     model = exported.load_model(repo / "models/export/model.onnx")
     probs = torch.from_numpy(model.probabilities(images.numpy().astype(np.float32) / 255))
     assert calibration.expected_calibration_error(probs, labels) <= 0.01
+
+
+def lock_hashes(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def test_forced_rerun_is_byte_identical(project):
+    repo, env = project
+    before = lock_hashes(repo)
+    run([DVC, "repro", "-f"], repo, env)
+    after = lock_hashes(repo)
+    for path in BYTE_IDENTICAL:
+        assert before[path] == after[path], path
 
 
 def test_mnist_predict_agrees_with_evaluate(project, tmp_path):
@@ -153,7 +170,7 @@ def test_cnn_experiment(project):
     run([DVC, "exp", "run", *SHORT_CNN, "-n", "cnn"], repo, env)
     result = metrics(repo, "eval.json")
     assert result["params"] <= 20_000
-    assert result["accuracy"] >= 0.985
+    assert result["accuracy"] >= 0.99
     assert_calibrated(repo)
     diff = json.loads(run([DVC, "metrics", "diff", "--json"], repo, env).stdout)
     assert diff["metrics/eval.json"]["accuracy"]["diff"] > 0
@@ -189,7 +206,7 @@ def test_committed_lock_does_not_depend_on_the_mirror(tmp_path):
     assert "data/raw/mnist" not in json.dumps(status), status  # preprocess sees its input unchanged
 
 
-FASHION_FLOOR = 0.85  # two epochs of the record CNN; its full recipe's figure is benchmarks/results/fashion_mnist.json
+FASHION_FLOOR = 0.85  # four epochs of the record CNN; its full recipe's figure is benchmarks/results/fashion_mnist.json
 
 
 @pytest.mark.skipif(not os.environ.get("FASHION_MNIST_MIRROR"), reason="set FASHION_MNIST_MIRROR")
