@@ -16,9 +16,8 @@ each seed the baseline is the pipeline at that seed without corrections.
 - targeted: one more submitter sending 7s labelled 1, as many as 20 % of all records, defended and
   naive.
 
-Then the store and the server: `/feedback` under ApacheBench (`ab -k -c 8 -n 4000`) with 2
-workers against `/predict` in the same run, and `snapshot` + `dvc push` of 1,000 new records on
-top of 10,000 (to a local DVC remote) against the first 10,000.
+Then the store: `snapshot` + `dvc push` of 1,000 new records on top of 10,000 (to a local DVC
+remote) against the first 10,000. `/feedback` under load is bench_serve.py's.
 
     MNIST_MIRROR=… python benchmarks/bench_feedback.py [--seeds 42 1 2]
 """
@@ -31,14 +30,11 @@ import json
 import os
 import random
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import bench_serve
 import common
-import loadgen
 import numpy as np
 import writers
 
@@ -122,27 +118,6 @@ def loop(work: Path, name: str, seed: int, rows: list[list], defence: bool, held
     return result
 
 
-def feedback_throughput(model: Path, store: Path, body: Path, kind: str, predict_body: Path, predict_kind: str) -> dict:
-    proc = subprocess.Popen([str(BIN / "mnist-serve"), "--model", str(model), "--port", "0", "--workers", "2",
-                             "--feedback", str(store), "--feedback-rate", "1000000", "--feedback-burst", "1000000"],
-                            stdout=subprocess.PIPE, text=True)
-    url = proc.stdout.readline().split(" on ")[1].split()[0]
-    try:
-        args = ("-k", "-c", str(bench_serve.CLIENTS))
-        bench_serve.ab(url + "feedback", *args, "-n", "500", body=body, kind=kind)  # warm-up
-        result = {"feedback": bench_serve.ab(url + "feedback", *args, "-n", str(bench_serve.REQUESTS), body=body,
-                                             kind=kind),
-                  "predict": bench_serve.ab(url + "predict", *args, "-n", str(bench_serve.REQUESTS),
-                                            body=predict_body, kind=predict_kind)}
-        peak = {pid: round(bench_serve.memory_kb(pid, "VmHWM") / 1024, 1) for pid in bench_serve.processes(proc)}
-        result["peak_rss_mb_by_process"] = list(peak.values())
-    finally:
-        bench_serve.stop(proc)
-    result["feedback_share_of_predict"] = round(result["feedback"]["requests_per_second"]
-                                                / result["predict"]["requests_per_second"], 3)
-    return result
-
-
 def snapshot_costs(work: Path, rows: list[tuple[Path, int, str]]) -> dict:
     """10,000 records snapshot + pushed, then 1,000 more: seconds and bytes the remote gained each time."""
     repo = common.clone(work, "sharing")
@@ -204,15 +179,6 @@ def main() -> None:
             for name, (noise, defence) in SCENARIOS.items():
                 labelled = labelled_rows(correcting, noise, adversary, seed)
                 results["scenarios"][name].append(loop(work, f"{name}-{seed}", seed, labelled, defence, held))
-        upload = bench_serve.realistic_upload()
-        body, kind = loadgen.multipart([("file", "digit.png", "image/png", upload)])
-        (work / "predict.bin").write_bytes(body)
-        feedback, feedback_kind = loadgen.multipart([("file", "digit.png", "image/png", upload)], {"label": "7"})
-        (work / "feedback.bin").write_bytes(feedback)
-        results["server"] = feedback_throughput(
-            common.ROOT / "models" / "export" / "model.onnx", work / "store", work / "feedback.bin", feedback_kind,
-            work / "predict.bin", kind)
-        print(f"server: {results['server']}", flush=True)
         results["snapshot"] = snapshot_costs(work, correcting)
     summary = {}
     for name, runs in results["scenarios"].items():

@@ -37,7 +37,6 @@ from PIL import Image
 from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartParser
 
-import bench_feedback
 import common
 import loadgen
 from mnist_pipeline import images
@@ -56,13 +55,6 @@ def realistic_upload() -> bytes:
     return buffer.getvalue()
 
 
-def memory_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def ab(url: str, *args: str, body: Path | None = None, kind: str = "") -> dict:
     """One `ab` run: requests/s, latency percentiles (ms), failed and non-2xx counts."""
     command = [AB, "-q", *args] + (["-p", str(body), "-T", kind] if body else []) + [url]
@@ -76,11 +68,12 @@ def ab(url: str, *args: str, body: Path | None = None, kind: str = "") -> dict:
             "latency_ms": latency}
 
 
-def start(model: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def start(model: Path, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`mnist-serve` with `workers` workers: (the process, its base URL)."""
     command = [shutil.which("mnist-serve") or "mnist-serve", "--model", str(model), "--port", "0",
-               "--workers", str(workers)]
+               "--workers", str(workers), *extra]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    return proc, proc.stdout.readline().split(" on ")[1].split()[0]
+    return proc, loadgen.served_url(proc.stdout.readline())
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -96,10 +89,10 @@ def processes(proc: subprocess.Popen) -> list[int]:
 def throughput(model: Path, body: Path, kind: str, workers: int) -> dict:
     proc, url = start(model, workers)
     try:
-        ab(url + "predict", "-k", "-c", str(CLIENTS), "-n", "500", body=body, kind=kind)  # warm-up
-        result = ab(url + "predict", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS), body=body, kind=kind)
-        result["healthz"] = ab(url + "healthz", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS))
-        rss = {pid: round(memory_kb(pid, "VmRSS") / 1024, 1) for pid in processes(proc)}
+        ab(url + "/predict", "-k", "-c", str(CLIENTS), "-n", "500", body=body, kind=kind)  # warm-up
+        result = ab(url + "/predict", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS), body=body, kind=kind)
+        result["healthz"] = ab(url + "/healthz", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS))
+        rss = {pid: round(loadgen.memory_kb(pid, "VmRSS") / 1024, 1) for pid in processes(proc)}
         result.update(workers=workers, rss_mb_by_process=list(rss.values()), rss_mb_total=round(sum(rss.values()), 1),
                       rss_mb_largest_process=max(rss.values()))
         result["share_of_bare_request_rate"] = round(result["requests_per_second"]
@@ -109,6 +102,23 @@ def throughput(model: Path, body: Path, kind: str, workers: int) -> dict:
         stop(proc)
 
 
+def feedback_throughput(model: Path, store: Path, body: Path, kind: str, predict_body: Path, predict_kind: str) -> dict:
+    """`POST /feedback` against `/predict` on one 2-worker server with `--feedback`, in the same round."""
+    proc, url = start(model, 2, "--feedback", str(store), "--feedback-rate", "1000000", "--feedback-burst", "1000000")
+    try:
+        args = ("-k", "-c", str(CLIENTS))
+        ab(url + "/feedback", *args, "-n", "500", body=body, kind=kind)  # warm-up
+        result = {"feedback": ab(url + "/feedback", *args, "-n", str(REQUESTS), body=body, kind=kind),
+                  "predict": ab(url + "/predict", *args, "-n", str(REQUESTS), body=predict_body, kind=predict_kind)}
+        peak = {pid: round(loadgen.memory_kb(pid, "VmHWM") / 1024, 1) for pid in processes(proc)}
+        result["peak_rss_mb_by_process"] = list(peak.values())
+    finally:
+        stop(proc)
+    result["feedback_share_of_predict"] = round(result["feedback"]["requests_per_second"]
+                                                / result["predict"]["requests_per_second"], 3)
+    return result
+
+
 def stall(model: Path, folder: Path) -> dict:
     """/healthz, one request at a time, while 8 clients post the 16-file heavy request 4 times each."""
     body, kind = loadgen.multipart(loadgen.heavy_files())
@@ -116,11 +126,11 @@ def stall(model: Path, folder: Path) -> dict:
     proc, url = start(model, 1)
     try:
         command = [AB, "-q", "-c", str(CLIENTS), "-n", str(4 * CLIENTS), "-p", str(folder / "heavy.bin"), "-T", kind,
-                   url + "predict"]
+                   url + "/predict"]
         began = time.perf_counter()
         load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         time.sleep(0.5)
-        health = ab(url + "healthz", "-c", "1", "-n", "1000000", "-t", str(HEALTH_SECONDS))
+        health = ab(url + "/healthz", "-c", "1", "-n", "1000000", "-t", str(HEALTH_SECONDS))
         health_ended = time.perf_counter() - began
         heavy_out = load.communicate(timeout=900)[0]
         seconds = float(re.search(r"Time taken for tests:\s+([\d.]+)", heavy_out).group(1))
@@ -129,7 +139,7 @@ def stall(model: Path, folder: Path) -> dict:
                 if "Non-2xx" in heavy_out else 0,
                 "healthz_window_s": [0.5, round(health_ended, 2)], "healthz_during": health,
                 "heavy_load_outlasted_healthz_window": seconds > health_ended,
-                "worker_peak_rss_mb": round(memory_kb(proc.pid, "VmHWM") / 1024, 1)}
+                "worker_peak_rss_mb": round(loadgen.memory_kb(proc.pid, "VmHWM") / 1024, 1)}
     finally:
         stop(proc)
 
@@ -196,7 +206,7 @@ def main() -> None:
         (Path(tmp) / "feedback.bin").write_bytes(feedback)
         rounds = []
         for i in range(ROUNDS):
-            rounds.append(bench_feedback.feedback_throughput(
+            rounds.append(feedback_throughput(
                 model, Path(tmp) / f"store{i}", Path(tmp) / "feedback.bin", feedback_kind, Path(tmp) / "body.bin", kind))
             print(f"/feedback round {i + 1}: {rounds[-1]}")
         results["feedback"] = {"rounds": rounds, "median_round": sorted(

@@ -1,8 +1,8 @@
-"""A small HTTP/1.1 load generator for mnist-serve: N keep-alive clients on loopback, bounded.
+"""Talking to a running mnist-serve from outside: its URL, its memory, the uploads, and a small load generator.
 
-Used by benchmarks/bench_serve.py and by tests/test_serve.py. Each client sends the same
-pre-encoded multipart request back to back and times each answer; the run stops after
-`requests` answers or `seconds`, whichever comes first.
+Used by benchmarks/bench_serve.py and by the tests (tests/helpers.py). The load generator runs N
+keep-alive clients on loopback: each sends the same pre-encoded multipart request back to back and
+times each answer; the run stops after `requests` answers or `seconds`, whichever comes first.
 """
 
 from __future__ import annotations
@@ -17,6 +17,21 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+
+
+def served_url(banner: str) -> str:
+    """The base URL (no trailing /) in the line mnist-serve prints first: "serving MODEL on URL (…)"."""
+    if not banner.startswith("serving ") or " on " not in banner:
+        raise ValueError(f"not mnist-serve's first line: {banner!r}")
+    return banner.split(" on ", 1)[1].split()[0].rstrip("/")
+
+
+def memory_kb(pid: int, field: str = "VmRSS") -> int:
+    """A process's memory from /proc/PID/status: VmRSS now, VmHWM its peak (kB)."""
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise ValueError(f"no {field} for process {pid}")
 
 
 def digit_png(height: int = 200, width: int = 200) -> bytes:

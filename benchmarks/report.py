@@ -236,9 +236,10 @@ def feedback_block() -> str:
     poisoned = [summary[n] for n in ("flips_defended", "targeted_defended")]
     snap = r["snapshot"]
     served = load("serve")
-    server, where = ((served["feedback"]["median_round"], "`python benchmarks/bench_serve.py`, `serve.json`, median of "
-                      f"{len(served['feedback']['rounds'])} rounds")
-                     if served and "feedback" in served else (r["server"], "`feedback.json`"))
+    if not served or "feedback" not in served:
+        return ""
+    server = served["feedback"]["median_round"]
+    where = f"`python benchmarks/bench_serve.py`, `serve.json`, median of {len(served['feedback']['rounds'])} rounds"
     fb, pr = server["feedback"], server["predict"]
     first, nxt = snap["first_10000"], snap["next_1000"]
     lines += ["", "Goals:",

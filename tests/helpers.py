@@ -199,7 +199,7 @@ def served(model: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving "), line + proc.stderr.read()
-        url = line.split(" on ")[1].split()[0].rstrip("/")
+        url = loadgen.served_url(line)
         assert url.startswith("http://127.0.0.1:")
         yield proc, url
     finally:

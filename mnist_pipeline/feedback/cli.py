@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.feedback import snapshot as snapshots
 from mnist_pipeline.feedback.store import DEFAULT_STORE, Record, Store, correction, new_id, read_store
-from mnist_pipeline.serving.settings import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
 
 DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
 MAX_ROWS = 1_000_000  # rows of one CSV import

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_pipeline.defaults import DEFAULT_MODEL
 from mnist_pipeline.errors import ModelFileError
 from mnist_pipeline.exported import load_model
 from mnist_pipeline.images import FORMAT_NAMES, ImageError, prepare_file
-
-DEFAULT_MODEL = Path("models/export/model.onnx")
 
 
 def format_line(path: str, probs: np.ndarray, classes: list[str], top_k: int) -> str:

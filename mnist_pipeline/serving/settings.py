@@ -12,15 +12,15 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = Path("models/export/model.onnx")
-DEFAULT_MAX_UPLOAD = 4 << 20  # bytes per request: a phone photo fits, a flood does not
+from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
+
+__all__ = ["DEFAULT_FEEDBACK_MAX_BYTES", "DEFAULT_MAX_UPLOAD", "DEFAULT_MODEL", "Settings", "from_env", "to_env"]
 DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in the pool); more get 503
 # Decoded pixels per uploaded image. The worst case, an RGBA or palette PNG, peaks near 8 bytes a
 # decoded pixel while it is prepared: 10 MP × 2 threads stays inside a 250 MB worker.
 WEB_MAX_PIXELS = 10_000_000
 DEFAULT_FEEDBACK_RATE = 1.0  # corrections per second per client, sustained (a person clicks far less)
 DEFAULT_FEEDBACK_BURST = 20  # ... and at once
-DEFAULT_FEEDBACK_MAX_BYTES = 1 << 30  # the feedback store's bound; past it, 507
 SETTINGS_ENV = "MNIST_SERVE_SETTINGS"  # worker processes build their app from it (app.app_from_env)
 
 
