@@ -58,6 +58,16 @@ def tiny_project(tiny_baseline, tmp_path):
     return copy_baseline(tiny_baseline, tmp_path / "repo")
 
 
+# The longest modules first (their time in `pytest --durations=0`), so that with `-n 2 --dist loadfile` the
+# sweep's Ray cluster starts at once and the rest fills the other worker meanwhile.
+LONGEST_FIRST = ["test_sweep.py", "test_pipeline_e2e.py", "test_share.py", "test_feedback.py", "test_resume.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skip is a failure: a tool or dataset that CI should have installed is missing.
