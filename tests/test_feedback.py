@@ -26,13 +26,14 @@ from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction, 
 GOOD = loadgen.digit_png(140, 110)
 
 
-def send(url: str, label: str | None = "3", data: bytes | None = GOOD, kind: str = "image/png"):
+def send(url: str, label: str | None = "3", data: bytes | None = GOOD, kind: str = "image/png",
+         headers: dict[str, str] | None = None):
     """(status, headers, raw body) of one POST /feedback, through urllib as a script would send it: the whole
     body first, then the answer (with `Connection: close`)."""
     files = [] if data is None else [("file", "d.png", kind, data)]
     body, content_type = loadgen.multipart(files, {} if label is None else {"label": label})
     request = urllib.request.Request(url + "/feedback", data=body, method="POST",
-                                     headers={"Content-Type": content_type})
+                                     headers={"Content-Type": content_type, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.headers, response.read()
@@ -138,6 +139,22 @@ def test_the_rate_limit_answers_429_with_retry_after(exported_models, tmp_path):
         assert statuses == [201] * 3 and status == 429 and int(headers["Retry-After"]) >= 1
         assert "too many" in json.loads(body)["error"]
         assert len(read_store(tmp_path / "s").records) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trusted", [False, True])
+def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(exported_models, tmp_path, trusted):
+    """The rate bucket and the pseudonym are the peer's unless `--trust-proxy` names the peer: one local
+    client that writes a new X-Forwarded-For on each post stays one client (uvicorn's default trusts it)."""
+    args = ["--feedback", str(tmp_path / "s"), "--feedback-rate", "0.001", "--feedback-burst", "2"]
+    with served(exported_models[1] / "model.onnx", *args, *(["--trust-proxy", "127.0.0.1"] if trusted else [])) \
+            as (_, url):
+        statuses = [send(url, headers={"X-Forwarded-For": f"203.0.113.{i}"})[0] for i in range(3)]
+    submitters = {r.submitter for r in read_store(tmp_path / "s").records}
+    if trusted:  # the proxy vouches for three clients
+        assert statuses == [201, 201, 201] and len(submitters) == 3
+    else:
+        assert statuses == [201, 201, 429] and len(submitters) == 1
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
     mnist-serve [--model models/export/model.onnx] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
                 [--workers 1] [--threads CORES] [--max-queue 16]
                 [--feedback [DIR]] [--feedback-rate 1] [--feedback-burst 20] [--feedback-max-mb 1024]
+                [--trust-proxy ADDR ...]
 
 uvicorn with uvloop/httptools is the fast single-process server for an ASGI app, what the
 Python web ecosystem deploys and proxies; `--workers N` runs N such processes on one socket
@@ -14,6 +15,7 @@ workers stays small.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -109,7 +111,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_FEEDBACK_MAX_BYTES / 2**20,
         help="the store's size bound in MB; past it, 507 (default 1024)",
     )
+    parser.add_argument(
+        "--trust-proxy",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client, for the rate limit "
+        "and the submitter's pseudonym; without it the peer's address is the client and forwarding headers are "
+        "ignored, since any client can write them",
+    )
     args = parser.parse_args(argv)
+    for proxy in args.trust_proxy:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            parser.error(f"--trust-proxy {proxy!r}: expected an IP address or network such as 10.0.0.0/8")
     if args.feedback_rate <= 0:
         parser.error("--feedback-rate must be above 0")
     for name in ("workers", "threads", "max_queue", "feedback_burst"):
@@ -169,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "access_log": False,
         "lifespan": "off",
         "timeout_graceful_shutdown": 5,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: a local client could be any submitter.
+        "proxy_headers": bool(args.trust_proxy),
+        "forwarded_allow_ips": args.trust_proxy or None,
     }
     try:
         if args.workers == 1:
