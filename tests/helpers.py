@@ -163,26 +163,25 @@ def git_repo_env(repo: Path, **extra: str) -> dict[str, str]:
 # ---------------------------------------------------------------- the real server and a real browser
 
 
-def benchmark_module(name: str):
-    """A module of benchmarks/ (not a package), loaded by path under a name of its own."""
-    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their neighbours (`import common`)
-        sys.path.append(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+def script_module(name: str, path: Path):
+    """A script that is not in a package (a benchmark, a stage, a helper script), loaded by path as `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    sys.modules[name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
 
+def benchmark_module(name: str):
+    """A module of benchmarks/, under a name of its own."""
+    if str(ROOT / "benchmarks") not in sys.path:  # the scripts import their neighbours (`import common`)
+        sys.path.append(str(ROOT / "benchmarks"))
+    return script_module(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+
+
 def load_stage(name: str):
-    """stages/NAME.py as a module (the stage scripts are not a package), to call its `main` in this process."""
-    module_name = f"stage_script_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, ROOT / "stages" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[module_name] = module
-    return sys.modules[module_name]
+    """stages/NAME.py, to call its `main` in this process."""
+    return script_module(f"stage_script_{name}", ROOT / "stages" / f"{name}.py")
 
 
 # benchmarks/loadgen.py: the sample uploads (and load generator) the serving benchmark uses too.

@@ -20,20 +20,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import BIN, DVC, ROOT, copy_baseline, git_repo_env, run, synthetic_digits
+from helpers import BIN, DVC, ROOT, copy_baseline, git_repo_env, run, script_module, synthetic_digits
 
 SSHD = shutil.which("sshd", path="/usr/sbin:/usr/local/sbin:/sbin")
 GTO = shutil.which("gto", path=str(BIN))
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
               pytest.mark.skipif(SSHD is None, reason="OpenSSH server not installed (apt-get install openssh-server)"),
               pytest.mark.skipif(importlib.util.find_spec("dvc_ssh") is None, reason="dvc-ssh not installed")]
-
-
-def _load_sshd():
-    spec = importlib.util.spec_from_file_location("sshd", ROOT / "scripts" / "sshd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Team:
@@ -72,7 +65,7 @@ class Team:
 def team(tiny_baseline, tmp_path_factory):
     """Machine A: a copy of the reproduced tiny baseline, pushed to a bare origin and to an ssh DVC remote."""
     work = tmp_path_factory.mktemp("share")
-    with _load_sshd().sshd(work / "sshd") as server:
+    with script_module("sshd", ROOT / "scripts" / "sshd.py").sshd(work / "sshd") as server:
         a, env = copy_baseline(tiny_baseline, work / "a")
         t = Team(work, server, env)
         run(["git", "init", "-q", "--bare", "-b", "main", str(t.origin)], work, env)
