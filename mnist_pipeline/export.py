@@ -112,7 +112,23 @@ def prepared_parity(model: nn.Module, loaded: Model, digits: np.ndarray) -> dict
     }
 
 
-def check_parity(report: dict[str, Any], fmt: str, tolerance: float = 1e-4) -> None:
+# Largest difference from PyTorch an exported model may show, in logits and in probabilities.
+PARITY_TOLERANCE = 1e-4
+
+
+def bounded(report: dict[str, Any], tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """A checked parity report as it is kept in git: each measured difference replaced by the bound it
+    passed. The differences themselves come from onnxruntime's kernels, which each CPU chooses for
+    itself, so they would change the bytes of the metrics from one machine to the next."""
+    return {
+        (f"{key}_bound" if key.startswith("max_abs_") else key): (
+            bounded(value, tolerance) if isinstance(value, dict) else tolerance if key.startswith("max_abs_") else value
+        )
+        for key, value in report.items()
+    }
+
+
+def check_parity(report: dict[str, Any], fmt: str, tolerance: float = PARITY_TOLERANCE) -> None:
     path = report.get("prepared_path", {"top1_agreement": 1.0, "max_abs_prob_diff": 0.0})
     if report["top1_agreement"] < 1.0 or report["max_abs_logit_diff"] > tolerance:
         raise ParityError(

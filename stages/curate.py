@@ -12,6 +12,9 @@ Without feedback every output is empty and byte-stable, so nothing downstream re
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 from pathlib import Path
 
 from mnist_pipeline import stage

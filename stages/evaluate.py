@@ -12,6 +12,9 @@ accuracy and ECE on the user split, null when there is none), --confusion
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 from pathlib import Path
 
 import pandas as pd

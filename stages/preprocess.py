@@ -9,6 +9,9 @@ The same raw files and params give byte-identical outputs.
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 from pathlib import Path
 
 from mnist_pipeline import processed, stage

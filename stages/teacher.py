@@ -14,6 +14,9 @@ Environment: MNIST_DEVICE=cpu|cuda|mps overrides the detected device.
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 from pathlib import Path
 
 import torch

@@ -16,6 +16,9 @@ Environment: MNIST_DEVICE=cpu|cuda|mps overrides the detected device.
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 import argparse
 import json
 import sys
@@ -25,7 +28,7 @@ import pandas as pd
 import torch
 from dvclive import Live
 
-from mnist_pipeline import models, processed, stage
+from mnist_pipeline import kernels, models, processed, stage
 from mnist_pipeline.checkpoint import (
     Checkpoint,
     ResumeStore,
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_second": round(images / seconds, 1) if seconds else None,
             "resumed_from_epoch": start_epoch,
             "device": str(device),
+            "kernels": kernels.describe(),  # which kernels ran: the same bytes come from the same set
         },
     )
     store.clear()
