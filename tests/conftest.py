@@ -1,3 +1,6 @@
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 import os
 from pathlib import Path
 
@@ -60,7 +63,9 @@ def tiny_project(tiny_baseline, tmp_path):
 
 # The longest modules first (their time in `pytest --durations=0`), so that with `-n 2 --dist loadfile` the
 # sweep's Ray cluster starts at once and the rest fills the other worker meanwhile.
-LONGEST_FIRST = ["test_sweep.py", "test_pipeline_e2e.py", "test_share.py", "test_feedback.py", "test_resume.py"]
+LONGEST_FIRST = [
+    "test_sweep.py", "test_portable.py", "test_pipeline_e2e.py", "test_share.py", "test_feedback.py", "test_resume.py",
+]
 
 
 def pytest_collection_modifyitems(items):
