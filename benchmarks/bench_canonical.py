@@ -34,6 +34,9 @@ baseline has none. Each side stops at its first epoch at or over the target, or 
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 import argparse
 import statistics
 import tempfile

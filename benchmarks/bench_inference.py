@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 import shutil
 import subprocess
 import sys

@@ -19,6 +19,9 @@ For the default MLP and CNN of params.yaml:
 
 from __future__ import annotations
 
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
 import argparse
 import math
 import statistics

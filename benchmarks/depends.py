@@ -39,6 +39,7 @@ class Inputs:
     data: tuple[str, ...] = ()  # DVC outputs of the workspace, compared by their dvc.lock hash
     commands: tuple[str, ...] = ()  # console scripts it runs (pyproject's [project.scripts])
     pipeline: bool = False  # runs `dvc repro` / `dvc exp run`: every stage, dvc.yaml, every param
+    stages: tuple[str, ...] = ()  # stage scripts it runs as processes, outside DVC
 
 
 # The script behind each results file, where it is not bench_<name>.py.
@@ -49,6 +50,9 @@ INPUTS = {
     "defaults": Inputs(params=("mlp", "cnn"), data=("data/processed",)),
     "canonical": Inputs(params=("cnn",), data=("data/processed", "data/raw/mnist")),
     "train": Inputs(params=("mlp", "cnn", "data", "seed"), data=("data/processed", "data/raw/mnist")),
+    # The train stage as a process, on the workspace's splits, teacher logits and corrections.
+    "kernels": Inputs(params=("seed", "dataset", "model", "mlp", "cnn", "data", "feedback.repeat"), stages=("train",),
+                      data=("data/processed", "models/teacher", "data/curated/admitted")),
     "inference": Inputs(commands=("mnist-predict",), data=("models/checkpoint.pt", "data/processed")),
     # mnist-serve with the committed exported model, posting test digits.
     "serve": Inputs(commands=("mnist-serve",), data=("models/export", "data/processed")),
@@ -131,7 +135,8 @@ def inputs_of(name: str) -> Inputs:
 def code_of(name: str, root: Path = ROOT) -> set[str]:
     """The files whose change makes `name`'s results stale."""
     inputs = inputs_of(name)
-    entry = [script_of(name), *(command_module(c, root) for c in inputs.commands)]
+    entry = [script_of(name), *(command_module(c, root) for c in inputs.commands),
+             *(f"stages/{stage}.py" for stage in inputs.stages)]
     if inputs.pipeline:
         entry += sorted(pipeline_deps(root))
     return closure(entry, root)
