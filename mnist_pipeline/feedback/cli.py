@@ -116,7 +116,12 @@ def status(store_path: Path, folder: Path) -> list[str]:
         )
         per = Counter(r.submitter for r in corrections)
         lines.append(f"submitters: {len(per)}; most records: " + ", ".join(f"{s} {n}" for s, n in per.most_common(5)))
-    lines += [f"warning: {t} (a writer killed mid-record; nothing acknowledged is lost)" for t in live.torn]
+    lines += [
+        f"warning: {t} (a write that failed or was killed mid-record: it was never acknowledged)" for t in live.torn
+    ]
+    lines += [
+        f"warning: skipped {s}: damage in the middle of a segment; the records after it were read" for s in live.skipped
+    ]
     return lines
 
 

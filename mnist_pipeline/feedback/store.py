@@ -3,14 +3,24 @@
     STORE/salt                     32 random bytes: the key of the submitter pseudonyms
     STORE/segments/<host>-<pid>-<random>.seg   frames, appended by one process only
 
-A frame is `MAGIC | payload length (u32) | crc32 of the payload (u32) | payload`, and a
-payload is `header length (u32) | header JSON | the 28×28 float32 image | the upload's bytes`.
+A frame is `MAGIC | payload length (u32) | crc32 of MAGIC and the length (u32) | crc32 of the
+payload (u32) | payload`, and a payload is `header length (u32) | header JSON | the 28×28 float32
+image | the upload's bytes (at most KEPT_UPLOAD of them)`. The header carries the format version
+`v`; readers ignore fields they do not know, so newer writers do not make older readers call a
+record damaged. (Frames of the first format, `MFB1`, without the length CRC, are still read.)
+
 Every writer appends to a file of its own, so writers never wait for each other, in one
 machine or on several sharing a volume; nothing is ever rewritten. A record is
-acknowledged only after its bytes are written and fdatasync'd. A process killed in the
-middle of a write leaves at most one torn frame at the end of its own segment, which no
-later write follows (a new process opens a new segment); readers stop there, so a
-record is either whole and verified by its CRC or not read at all.
+acknowledged only after its bytes are written and fdatasync'd. After any failed write or sync
+the writer leaves that segment for a new one, so no later record sits behind a frame that may
+be partial. A process killed in the middle of a write leaves at most one torn frame at the end
+of its own segment. Readers verify each frame's length by its own CRC, and past damage in the
+middle of a file (a torn frame a failed truncate left, a bad sector) they resync at the next
+frame whose length and payload both verify, and report exactly which bytes they skipped.
+
+The salt (the pseudonym key) is written 0600 and fsync'd with its folder before first use; a store
+that holds records but has lost its salt refuses to make a new one, since every pseudonym would
+change (caps, distrust and the user split would silently reset).
 
 The store has a size bound: the sum of the segment files, checked before each append, plus
 a reserve of free disk. Past either, `StoreFull` (HTTP 507): the disk is never filled.
@@ -33,7 +43,7 @@ import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +53,12 @@ from mnist_pipeline.errors import PipelineError
 
 DEFAULT_STORE = Path("feedback")  # the live store, relative to the repository root (ignored by git and DVC)
 MIN_FREE_BYTES = 256 << 20  # the store refuses rather than take the disk's last bytes
-MAGIC = b"MFB1"
-FRAME = struct.Struct("<4sII")
+MAGIC_V1, MAGIC = b"MFB1", b"MFB2"
+FRAME_V1 = struct.Struct("<4sII")  # magic, payload length, payload crc
+FRAME = struct.Struct("<4sIII")  # magic, payload length, crc of magic + length, payload crc
 U32 = struct.Struct("<I")
+FORMAT_VERSION = 2
+KEPT_UPLOAD = 256 << 10  # of an upload (up to 4 MiB), a record keeps at most this: the image is what trains
 SIDE = 28
 IMAGE_BYTES = SIDE * SIDE * 4  # float32, as images.prepare returns it
 MAX_HEADER = 64 << 10
@@ -76,6 +89,7 @@ class Record:
     probabilities: tuple[float, ...] = ()  # corrections: the model's calibrated probabilities
     model: str = ""  # corrections: sha256 of the exported model file that answered
     upload_type: str = ""  # the upload's media type as received
+    upload_size: int = 0  # the upload's size in bytes; its bytes are kept only up to KEPT_UPLOAD
     target: str = ""  # reviews: the id of the correction reviewed
     verdict: str = ""  # reviews: "accept" | "reject"
     image: np.ndarray | None = field(default=None, compare=False)  # 28×28 float32 in [0, 1], as prepared
@@ -84,11 +98,11 @@ class Record:
     def header(self) -> dict[str, Any]:
         keys = ("id", "time", "kind", "submitter", "source")
         extra = (
-            ("label", "answer", "probabilities", "model", "upload_type")
+            ("label", "answer", "probabilities", "model", "upload_type", "upload_size")
             if self.kind == "correction"
             else ("target", "verdict")
         )
-        out = {k: getattr(self, k) for k in keys + extra}
+        out = {"v": FORMAT_VERSION, **{k: getattr(self, k) for k in keys + extra}}
         if self.kind == "correction":
             out["probabilities"] = [round(float(p), 6) for p in self.probabilities]
         return out
@@ -116,8 +130,9 @@ def correction(
         probabilities=tuple(float(p) for p in probabilities),
         model=model,
         upload_type=upload_type,
+        upload_size=len(upload),
         image=image,
-        upload=upload,
+        upload=upload if len(upload) <= KEPT_UPLOAD else b"",
     )
 
 
@@ -138,15 +153,22 @@ def encode(record: Record) -> bytes:
         image = np.ascontiguousarray(record.image, dtype="<f4").tobytes()
     else:
         image = b""
-    payload = U32.pack(len(header)) + header + image + record.upload
-    return FRAME.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+    payload = U32.pack(len(header)) + header + image + record.upload[:KEPT_UPLOAD]
+    return FRAME.pack(MAGIC, len(payload), _length_crc(len(payload)), zlib.crc32(payload)) + payload
+
+
+def _length_crc(size: int) -> int:
+    return zlib.crc32(MAGIC + U32.pack(size))
+
+
+FIELDS = frozenset(f.name for f in fields(Record))
 
 
 def decode(payload: bytes) -> Record:
     (size,) = U32.unpack_from(payload)
     if size > MAX_HEADER or 4 + size > len(payload):
         raise ValueError("header length out of range")
-    header = json.loads(payload[4 : 4 + size])
+    header = {k: v for k, v in json.loads(payload[4 : 4 + size]).items() if k in FIELDS}  # newer fields ignored
     if header.get("kind") not in KINDS:
         raise ValueError(f"unknown record kind {header.get('kind')!r}")
     rest = payload[4 + size :]
@@ -162,38 +184,77 @@ def decode(payload: bytes) -> Record:
 @dataclass
 class ReadResult:
     records: list[Record]
-    torn: list[str]  # "<file>: <why>" for each file whose tail (or middle) could not be read
+    torn: list[str]  # "<file>: <why>" for each file whose last bytes are a torn frame (a writer killed mid-record)
+    skipped: list[str] = field(default_factory=list)  # "<file>: N bytes at offset O (why)": damage mid-file
 
 
-def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None]:
-    """The whole, verified records of one segment or shard, and why reading stopped early, if it did."""
+def _frame_at(data: bytes, offset: int) -> tuple[int, bytes] | str:
+    """(end, payload) of the verified frame at `offset`, or why there is none."""
+    if len(data) - offset < FRAME_V1.size:
+        return f"{len(data) - offset} bytes of a torn frame"
+    magic = data[offset : offset + 4]
+    if magic == MAGIC:
+        if len(data) - offset < FRAME.size:
+            return f"{len(data) - offset} bytes of a torn frame"
+        _, size, length_crc, crc = FRAME.unpack_from(data, offset)
+        if length_crc != _length_crc(size):
+            return "damaged frame header"
+        start = offset + FRAME.size
+    elif magic == MAGIC_V1:
+        _, size, crc = FRAME_V1.unpack_from(data, offset)
+        if size > MAX_PAYLOAD:
+            return "damaged frame header"
+        start = offset + FRAME_V1.size
+    else:
+        return "no frame"
+    end = start + size
+    if end > len(data):
+        return f"torn frame ({len(data) - offset} of {end - offset} bytes)"
+    payload = data[start:end]
+    return (end, payload) if zlib.crc32(payload) == crc else "checksum mismatch"
+
+
+def _resync(data: bytes, offset: int) -> int | None:
+    """The offset of the next frame after `offset` whose length and payload both verify."""
+    at = data.find(MAGIC, offset + 1)
+    while at != -1:
+        if not isinstance(_frame_at(data, at), str):
+            return at
+        at = data.find(MAGIC, at + 1)
+    return None
+
+
+def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None, list[str]]:
+    """The whole, verified records of one segment or shard; the torn tail, if any; the damage skipped
+    in the middle (each `<name>: N bytes at offset O (why)`)."""
     records: list[Record] = []
+    skipped: list[str] = []
     offset = 0
     while offset < len(data):
-        if len(data) - offset < FRAME.size:
-            return records, f"{name}: {len(data) - offset} bytes of a torn frame at offset {offset}"
-        magic, size, crc = FRAME.unpack_from(data, offset)
-        end = offset + FRAME.size + size
-        if magic != MAGIC or size > MAX_PAYLOAD:
-            return records, f"{name}: no frame at offset {offset}"
-        if end > len(data):
-            return records, f"{name}: torn frame at offset {offset} ({len(data) - offset} of {end - offset} bytes)"
-        payload = data[offset + FRAME.size : end]
-        if zlib.crc32(payload) != crc:
-            return records, f"{name}: checksum mismatch at offset {offset}"
-        try:
-            records.append(decode(payload))
-        except (ValueError, TypeError, KeyError) as exc:
-            return records, f"{name}: unreadable record at offset {offset} ({exc})"
-        offset = end
-    return records, None
+        found = _frame_at(data, offset)
+        problem = found if isinstance(found, str) else None
+        if not isinstance(found, str):
+            end, payload = found
+            try:
+                records.append(decode(payload))
+                offset = end
+                continue
+            except (ValueError, TypeError, KeyError) as exc:
+                problem = f"unreadable record ({exc})"
+        after = _resync(data, offset)
+        if after is None:
+            return records, f"{name}: {problem} at offset {offset}", skipped
+        skipped.append(f"{name}: {after - offset} bytes at offset {offset} ({problem})")
+        offset = after
+    return records, None, skipped
 
 
 def read_files(paths: list[Path]) -> ReadResult:
     result = ReadResult([], [])
     for path in paths:
-        records, problem = read_frames(path.read_bytes(), path.name)
+        records, problem, skipped = read_frames(path.read_bytes(), path.name)
         result.records += records
+        result.skipped += skipped
         if problem:
             result.torn.append(problem)
     return result
@@ -212,7 +273,9 @@ def read_store(root: Path) -> ReadResult:
 
 
 def load_salt(root: Path) -> bytes:
-    """The store's pseudonym key, made once by whichever process comes first (link() is atomic)."""
+    """The store's pseudonym key, made once by whichever process comes first (link() is atomic), 0600,
+    and durable (file and folder fsync'd) before anything uses it. A store that already holds records
+    and has lost its salt is refused: a new salt would silently give every submitter a new pseudonym."""
     path = root / "salt"
     for _ in range(50):
         try:
@@ -220,16 +283,35 @@ def load_salt(root: Path) -> bytes:
             if len(salt) == 32:
                 return salt
         except FileNotFoundError:
-            pass
+            if segments(root) and any(p.stat().st_size for p in segments(root)):
+                raise StoreError(
+                    f"{path} is missing but the store holds records: a new salt would change every pseudonym "
+                    "(rate limits, caps and the user split). Restore the salt from a backup; start a new "
+                    "store only on purpose"
+                ) from None
         tmp = root / f".salt.{secrets.token_hex(4)}.tmp"
-        tmp.write_bytes(secrets.token_bytes(32))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         try:
             os.link(tmp, path)
+            _fsync_dir(root)
         except FileExistsError:
             pass
         finally:
             tmp.unlink(missing_ok=True)
     raise StoreError(f"{path}: not a 32-byte salt; remove it only if the store is new")
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def pseudonym(salt: bytes, kind: str, value: str) -> str:
@@ -250,6 +332,9 @@ class Store:
         self._lock = threading.Lock()  # the threads of one process share its segment
         self._sync_lock = threading.Lock()
         self._synced: dict[int, int] = {}  # segment fd → bytes known to be on disk
+        self._written: dict[int, int] = {}  # segment fd → end of its last whole frame
+        self._failed: set[int] = set()  # segments whose fdatasync failed: nothing more in them is acknowledged
+        self._retired: list[int] = []  # segments left after an error, closed with the store
         self._fd: int | None = None
         self._pid = 0
 
@@ -273,13 +358,16 @@ class Store:
             folder = self.root / "segments"
             self._fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
             self._pid = os.getpid()
-            self._synced[self._fd] = 0
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the new file's name is durable before any record in it is acknowledged
-            finally:
-                os.close(dir_fd)
+            self._synced[self._fd] = self._written[self._fd] = 0
+            _fsync_dir(folder)  # the new file's name is durable before any record in it is acknowledged
         return self._fd
+
+    def _retire(self, fd: int) -> None:
+        """Leave a segment after a failed write or sync: later records go to a new one, never behind a
+        frame that may be partial. Its fd stays open until the threads syncing it are done with it."""
+        if self._fd == fd:
+            self._fd = None
+            self._retired.append(fd)
 
     def append(self, record: Record) -> str:
         """Write `record` and return its id once it is on disk; StoreFull when over the bound.
@@ -294,16 +382,23 @@ class Store:
                 raise StoreFull(f"the feedback store is full ({used:,} of {self.max_bytes:,} bytes)")
             if shutil.disk_usage(self.root).free - len(frame) < self.min_free:
                 raise StoreFull(f"the disk under {self.root} has less than {self.min_free:,} bytes free")
-            fd = self._segment()
-            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                fd = self._segment()
+            except OSError as exc:
+                raise StoreFull(f"cannot open a segment of the feedback store: {exc.strerror or exc}") from None
+            start = self._written[fd]
             try:
                 view = memoryview(frame)
                 while view:
                     view = view[os.write(fd, view) :]
             except OSError as exc:
-                os.ftruncate(fd, start)  # no partial frame stays behind a failed write
+                self._retire(fd)
+                try:
+                    os.ftruncate(fd, start)  # best effort: readers resync past a partial frame anyway
+                except OSError:
+                    pass
                 raise StoreFull(f"cannot write to the feedback store: {exc.strerror or exc}") from None
-            end = start + len(frame)
+            end = self._written[fd] = start + len(frame)
         self._sync(fd, end)
         return record.id
 
@@ -312,16 +407,23 @@ class Store:
         with self._sync_lock:
             if self._synced.get(fd, 0) >= end:
                 return  # a sync that began after this frame was written has covered it
-            target = os.lseek(fd, 0, os.SEEK_END)
+            if fd in self._failed:  # Linux may report the next fdatasync as a success though pages were lost
+                raise StoreFull("cannot sync the feedback store: an earlier sync of this segment failed")
+            with self._lock:  # whole frames only: a write in progress is not covered by this sync
+                target = self._written[fd]
             try:
                 os.fdatasync(fd)
             except OSError as exc:
+                with self._lock:
+                    self._retire(fd)  # after a failed fdatasync the page cache may not match the disk
+                self._failed.add(fd)
                 raise StoreFull(f"cannot sync the feedback store: {exc.strerror or exc}") from None
             self._synced[fd] = target
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._synced.pop(self._fd, None)
-                self._fd = None
+            for fd in [*self._retired, *([self._fd] if self._fd is not None else [])]:
+                os.close(fd)
+                for marks in (self._synced, self._written):
+                    marks.pop(fd, None)
+            self._fd, self._retired = None, []
