@@ -117,6 +117,7 @@ class FeedbackParams(Section):
     min_records: Int = Field(ge=1)  # ... once they have at least this many
     max_per_submitter: Int = Field(ge=1)  # records admitted per submitter, the earliest
     repeat: Int = Field(ge=1, le=100)  # times each admitted correction is shown per epoch
+    split_key: str = Field(min_length=1, max_length=100)  # keys the user split's hash: not the training seed
 
 
 class Params(Section):

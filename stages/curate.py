@@ -1,7 +1,7 @@
 """curate stage: the snapshot's corrections → a held-out user split and the admitted training part.
 
-Params: seed, feedback (use, defence, user_split, min_prob, max_implausible, min_records,
-max_per_submitter, repeat is the train stage's).
+Params: feedback (use, defence, user_split, min_prob, max_implausible, min_records,
+max_per_submitter, split_key; repeat is the train stage's).
 Reads: SNAPSHOTS/shard-*.rec (what `mnist-feedback snapshot` froze; never the live store).
 Writes: --admitted {images,labels}.npy + meta.json (what train mixes in: empty without
 feedback or with feedback.use false), --users {images,labels}.npy (submitters held out,
@@ -31,17 +31,7 @@ def configure(parser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args, params = stage.parse(__doc__, configure, argv)
-    f = params.feedback
-    policy = curate.Policy(
-        use=f.use,
-        defence=f.defence,
-        user_split=f.user_split,
-        min_prob=f.min_prob,
-        max_implausible=f.max_implausible,
-        min_records=f.min_records,
-        max_per_submitter=f.max_per_submitter,
-        seed=params.seed,
-    )
+    policy = params.feedback
     names = [p.name for p in shards(args.snapshots)]
     records = read_shards(args.snapshots).records
     result = curate.curate(records, policy)

@@ -19,9 +19,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import BIN, chromium, draw_strokes, loadgen, needs_chromium, served, wait_answers
+from helpers import BIN, ROOT, chromium, draw_strokes, loadgen, needs_chromium, served, wait_answers
 from mnist_pipeline.feedback import curate
 from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction, read_store
+from mnist_pipeline.params import FeedbackParams, load_params
 
 GOOD = loadgen.digit_png(140, 110)
 
@@ -299,11 +300,16 @@ def truth(r: Record) -> int:
 ALL_TRAIN = {"user_split": 0.0}
 
 
+def policy(**overrides) -> FeedbackParams:
+    """params.yaml's `feedback:` section, the curate stage's policy, with `overrides`."""
+    return load_params(ROOT / "params.yaml").feedback.model_copy(update=overrides)
+
+
 @pytest.mark.parametrize("defence", [True, False])
 def test_careless_labels_are_quarantined(defence):
     rng = np.random.default_rng(1)
     records = [r for i in range(5) for r in population(rng, f"careless{i}", 100, wrong=0.3)]
-    result = curate.curate(records, curate.Policy(defence=defence, **ALL_TRAIN))
+    result = curate.curate(records, policy(defence=defence, **ALL_TRAIN))
     wrong_admitted = sum(r.label != truth(r) for r in result.admitted)
     if defence:
         assert wrong_admitted <= 10 and len(result.admitted) >= 330  # the 70 % right ones stay
@@ -320,7 +326,7 @@ def test_an_adversary_flipping_sevens_to_ones_is_shut_out(defence):
     flipped = [replace(r, label=1, probabilities=tuple(0.2 if c == 1 else p * 0.8 for c, p in
                                                        enumerate(r.probabilities)) if i % 5 == 0 else r.probabilities)
                for i, r in enumerate(sevens)]
-    result = curate.curate(honest + flipped, curate.Policy(defence=defence, **ALL_TRAIN))
+    result = curate.curate(honest + flipped, policy(defence=defence, **ALL_TRAIN))
     adversarial = [r for r in result.admitted if r.submitter == "adversary"]
     if defence:
         assert adversarial == [] and len(result.quarantined["submitter"]) == len(flipped)
@@ -332,7 +338,7 @@ def test_an_adversary_flipping_sevens_to_ones_is_shut_out(defence):
 def test_one_flooding_submitter_is_capped(defence):
     rng = np.random.default_rng(3)
     records = population(rng, "flood", 2000) + [r for i in range(4) for r in population(rng, f"p{i}", 50)]
-    result = curate.curate(records, curate.Policy(defence=defence, max_per_submitter=100, **ALL_TRAIN))
+    result = curate.curate(records, policy(defence=defence, max_per_submitter=100, **ALL_TRAIN))
     flood = sum(r.submitter == "flood" for r in result.admitted)
     assert flood == (100 if defence else 2000)
 
@@ -340,9 +346,27 @@ def test_one_flooding_submitter_is_capped(defence):
 def test_the_user_split_is_by_submitter_and_never_trained_on():
     rng = np.random.default_rng(4)
     records = [r for i in range(40) for r in population(rng, f"w{i}", 20)]
-    result = curate.curate(records, curate.Policy(user_split=0.3))
+    result = curate.curate(records, policy(user_split=0.3))
     users, trained = {r.submitter for r in result.users}, {r.submitter for r in result.admitted}
     assert users and trained and not users & trained and 5 <= len(users) <= 20
+
+
+def test_the_user_split_keeps_the_models_confident_mistakes():
+    """Held-out users' corrections that the model found implausible (it was confidently wrong) are what the
+    user split must score; only a reviewer's rejection removes one."""
+    rng = np.random.default_rng(6)
+    writers = [r for i in range(40) for r in population(rng, f"w{i}", 20, wrong=1.0)]  # every label < 1 % to the model
+    result = curate.curate(writers, policy(user_split=0.3))
+    held = [r for r in writers if r.submitter in result.held_out_submitters]
+    assert held and result.users == held  # all kept, though each is implausible and each writer "distrusted"
+    assert not any(r.submitter in result.held_out_submitters for rs in result.quarantined.values() for r in rs)
+
+
+def test_the_user_split_does_not_follow_the_training_seed():
+    assert curate.held_out("w1", 0.3, "a") == curate.held_out("w1", 0.3, "a")
+    differs = [s for s in (f"w{i}" for i in range(40)) if curate.held_out(s, 0.3, "a") != curate.held_out(s, 0.3, "b")]
+    assert differs  # the key decides, and nothing else: params.seed is not among its inputs
+    assert "seed" not in curate.held_out.__code__.co_varnames
 
 
 def test_a_reviewers_verdict_overrides_the_checks():
@@ -350,7 +374,7 @@ def test_a_reviewers_verdict_overrides_the_checks():
     records = population(rng, "w", 20, wrong=1.0)
     verdicts = [Record(id=f"z{i}", time=0.0, kind="review", submitter="rev", source="cli", target=r.id, verdict=v)
                 for i, (r, v) in enumerate([(records[0], "accept"), (records[1], "reject")])]
-    result = curate.curate(records + verdicts, curate.Policy(min_records=100, **ALL_TRAIN))
+    result = curate.curate(records + verdicts, policy(min_records=100, **ALL_TRAIN))
     assert [r.id for r in result.admitted] == [records[0].id]
     assert [r.id for r in result.quarantined["rejected"]] == [records[1].id]
 
@@ -434,7 +458,7 @@ def test_review_records_verdicts_that_the_next_snapshot_carries(tmp_path, capsys
     from mnist_pipeline.feedback.snapshot import read_shards
 
     records = read_shards(shards).records
-    result = curate.curate(records, curate.Policy(user_split=0.0))
+    result = curate.curate(records, policy(user_split=0.0))
     assert [r.id for r in result.admitted] == [ids[0]]
     assert [r.id for r in result.quarantined["rejected"]] == [ids[1]]
     assert [r.id for r in result.quarantined["implausible"]] == [ids[2]]

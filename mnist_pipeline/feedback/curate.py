@@ -1,8 +1,11 @@
 """Curation: the snapshot's corrections → a held-out user split and the admitted training part.
 
-Corrections are untrusted. The split is by submitter, so no writer's digits are both trained
-on and scored. The defence, in the order it is applied to the training part (and, but for the
-cap, to the user split, whose labels are no more trustworthy):
+Corrections are untrusted. The split is by submitter (a hash of the pseudonym keyed by
+`feedback.split_key`, not by the training seed: a seed sweep scores the same users), so no
+writer's digits are both trained on and scored. The user split is every correction that passes
+review: it is scored on what users sent, never only on what a model agreed with (a filter by the
+model's own probability would drop exactly its confident mistakes and flatter it). The defence,
+in the order it is applied to the training part:
 
 1. review: a person's verdict (`mnist-feedback review`) overrides everything below;
 2. implausible: a label the model that answered gave less than `min_prob` (its calibrated
@@ -16,7 +19,8 @@ cap, to the user split, whose labels are no more trustworthy):
    cannot outweigh everyone else.
 
 `defence: false` turns 2–4 off (naive ingest), for comparison. Duplicates (one submitter,
-one image) keep the latest label. Everything here is numpy: the stage needs no torch.
+one image) keep the latest label. The policy is params.yaml's `feedback:` section itself
+(`FeedbackParams`). Everything here is numpy: the stage needs no torch.
 """
 
 from __future__ import annotations
@@ -29,23 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mnist_pipeline.feedback.store import Record
+from mnist_pipeline.params import FeedbackParams
 
 if TYPE_CHECKING:
     from PIL import Image
 
 REASONS = ("rejected", "implausible", "submitter", "cap")
-
-
-@dataclass(frozen=True)
-class Policy:
-    use: bool = True
-    defence: bool = True
-    user_split: float = 0.3
-    min_prob: float = 0.01
-    max_implausible: float = 0.5
-    min_records: int = 10
-    max_per_submitter: int = 500
-    seed: int = 0
 
 
 @dataclass
@@ -56,9 +49,9 @@ class Curated:
     held_out_submitters: set[str] = field(default_factory=set)
 
 
-def held_out(submitter: str, share: float, seed: int) -> bool:
-    """Whether a submitter's records form part of the user split: a seeded hash, stable as records arrive."""
-    digest = hashlib.sha256(f"{seed}:{submitter}".encode()).digest()
+def held_out(submitter: str, share: float, key: str) -> bool:
+    """Whether a submitter's records form part of the user split: a keyed hash, stable as records arrive."""
+    digest = hashlib.sha256(f"{key}:{submitter}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
@@ -80,7 +73,7 @@ def plausible(r: Record, min_prob: float) -> bool:
     return len(r.probabilities) > r.label and r.probabilities[r.label] >= min_prob
 
 
-def curate(records: list[Record], policy: Policy) -> Curated:
+def curate(records: list[Record], policy: FeedbackParams) -> Curated:
     reviewed = verdicts(records)
     corrections = latest_per_image([r for r in records if r.kind == "correction"])
     out = Curated()
@@ -88,7 +81,7 @@ def curate(records: list[Record], policy: Policy) -> Curated:
     for r in corrections:
         by_submitter[r.submitter].append(r)
     for submitter, mine in sorted(by_submitter.items()):
-        users = held_out(submitter, policy.user_split, policy.seed)
+        users = held_out(submitter, policy.user_split, policy.split_key)
         if users:
             out.held_out_submitters.add(submitter)
         implausible = [r for r in mine if not plausible(r, policy.min_prob)]
@@ -98,13 +91,13 @@ def curate(records: list[Record], policy: Policy) -> Curated:
             verdict = reviewed.get(r.id)
             if verdict == "reject":
                 reason: str | None = "rejected"
-            elif verdict == "accept" or not policy.defence:
+            elif verdict == "accept" or not policy.defence or users:
                 reason = None
             elif distrusted:
                 reason = "submitter"
             elif not plausible(r, policy.min_prob):
                 reason = "implausible"
-            elif not users and kept >= policy.max_per_submitter:
+            elif kept >= policy.max_per_submitter:
                 reason = "cap"
             else:
                 reason = None
@@ -125,7 +118,7 @@ def snapshot_id(shard_names: list[str]) -> str:
     return hashlib.sha256("\n".join(shard_names).encode()).hexdigest()[:12] if shard_names else "none"
 
 
-def report(records: list[Record], result: Curated, policy: Policy, shard_names: list[str]) -> dict[str, Any]:
+def report(records: list[Record], result: Curated, policy: FeedbackParams, shard_names: list[str]) -> dict[str, Any]:
     """metrics/curate.json: byte-stable counts (no times), so `dvc metrics diff` shows what changed."""
     corrections = [r for r in records if r.kind == "correction"]
     per: dict[str, Counter] = defaultdict(Counter)

@@ -12,9 +12,12 @@ curate stage) reads only shards, never the live store: `dvc.lock` names what tra
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from mnist_pipeline.fileio import write_bytes
 
 DEFAULT_SNAPSHOTS = Path("data/feedback")
 PATTERN = "shard-*.rec"
+LOCK = ".snapshot.lock"  # in the live store (ignored by git and DVC): a file in data/feedback would change its hash
 
 
 def shards(folder: Path) -> list[Path]:
@@ -53,16 +57,40 @@ def pending(store: Path, folder: Path) -> tuple[list[Record], ReadResult]:
     return [r for r in live.records if r.id not in seen], live
 
 
+def missing_shards(folder: Path) -> list[str]:
+    """Shards a `.rec.dvc` file names whose bytes are not here (a clone that has not run `dvc pull`)."""
+    return sorted(p.name.removesuffix(".dvc") for p in folder.glob(PATTERN + ".dvc") if not p.with_suffix("").exists())
+
+
+@contextlib.contextmanager
+def _locked(store: Path) -> Iterator[None]:
+    """One snapshot of a store at a time: two at once would each write the same new records."""
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"{store}: another `mnist-feedback snapshot` is running; try when it ends") from None
+        yield
+
+
 def take(store: Path, folder: Path) -> Snapshot:
     """Write the new records as one shard (atomically); nothing when there are none."""
-    new, _ = pending(store, folder)
-    total = len(read_shards(folder).records)
-    if not new:
-        return Snapshot(None, 0, total)
-    data = b"".join(encode(r) for r in new)
-    path = folder / f"shard-{new[0].id}-{hashlib.sha256(data).hexdigest()[:12]}.rec"
-    write_bytes(path, data)
-    return Snapshot(path, len(new), total + len(new))
+    absent = missing_shards(folder)
+    if absent:  # without them every record they hold would look new and be snapshotted again
+        raise PipelineError(
+            f"{folder}: {len(absent)} shard(s) named by .dvc files are missing ({absent[0]}, …): run `dvc pull "
+            f"{folder}` first"
+        )
+    with _locked(store):
+        new, _ = pending(store, folder)
+        total = len(read_shards(folder).records)
+        if not new:
+            return Snapshot(None, 0, total)
+        data = b"".join(encode(r) for r in new)
+        path = folder / f"shard-{new[0].id}-{hashlib.sha256(data).hexdigest()[:12]}.rec"
+        write_bytes(path, data)
+        return Snapshot(path, len(new), total + len(new))
 
 
 def track(path: Path) -> None:
