@@ -142,6 +142,33 @@ def test_the_rate_limit_answers_429_with_retry_after(exported_models, tmp_path):
         assert len(read_store(tmp_path / "s").records) == 3
 
 
+def test_the_rate_buckets_are_shared_through_their_file(tmp_path):
+    """Two RateLimits on one file are two workers of one server: a client has one bucket between them."""
+    from mnist_pipeline.serving.collect import RateLimit
+
+    first, second = (RateLimit(0.001, 2, tmp_path / "limits") for _ in range(2))
+    assert [first.wait("203.0.113.1", 100.0), second.wait("203.0.113.1", 100.0)] == [0.0, 0.0]
+    assert first.wait("203.0.113.1", 100.0) > 0 and second.wait("203.0.113.1", 100.0) > 0
+    assert second.wait("203.0.113.2", 100.0) == 0.0  # another client, its own bucket
+    small = RateLimit(1.0, 1, tmp_path / "small", slots=8)  # bounded: past its slots, the idlest is forgotten
+    assert all(small.wait(f"c{i}", float(i)) == 0.0 for i in range(100))
+    assert (tmp_path / "small").stat().st_size == 8 * RateLimit.SLOT.size
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_rate_bucket_per_client(exported_models, tmp_path):
+    args = ["--feedback", str(tmp_path / "s"), "--feedback-rate", "0.001", "--feedback-burst", "2", "--workers", "2"]
+    with served(exported_models[1] / "model.onnx", *args) as (_, url):
+        statuses: list[int] = []
+        # 40 posts from 10 threads at once: both workers serve some (the kernel hands each connection to one).
+        threads = [threading.Thread(target=lambda: statuses.extend(send(url)[0] for _ in range(4))) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(statuses) == [201, 201] + [429] * 38  # per-worker buckets would let up to 4 through
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trusted", [False, True])
 def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(exported_models, tmp_path, trusted):

@@ -1,12 +1,19 @@
 """POST /feedback: users' corrections, read, rate-limited, scored and written to the store.
 
-One worker's `Collector` holds the store writer, the per-client rate limit and the identity of
-the model that answered. Reading the form is `uploads.py`'s, as for `/predict`; what happens to
-a correction after it is on disk is docs/feedback.md's.
+One worker's `Collector` holds the store writer, the per-client rate limit (shared by the server's
+workers) and the identity of the model that answered. Reading the form is `uploads.py`'s, as for
+`/predict`; what happens to a correction after it is on disk is docs/feedback.md's.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,26 +31,59 @@ IO_THREADS = 4  # per worker: appends waiting on fdatasync at once
 
 
 class RateLimit:
-    """A token bucket per client: `rate` a second sustained, `burst` at once. Memory is bounded: past
-    `max_clients` buckets, the idle (full) ones are forgotten, and if none is idle, all are."""
+    """A token bucket per client, `rate` a second sustained and `burst` at once, shared by every worker
+    of one server: the buckets live in a file each worker maps (`path`, made by `mnist-serve`; a private
+    one without it), a fixed table of `slots` (the client's hash, its tokens, when), so N workers do not
+    give a client N buckets. One decision holds the file's lock for microseconds. Memory is the table:
+    a new client whose probe window is taken replaces the client idle longest there (forgotten, it
+    starts again from a full bucket)."""
 
-    def __init__(self, rate: float, burst: int, max_clients: int = 10_000) -> None:
-        self.rate, self.burst, self.max_clients = rate, burst, max_clients
-        self.buckets: dict[str, tuple[float, float]] = {}  # client → (tokens, when)
+    SLOT = struct.Struct("<Qdd")
+    PROBES = 16
+
+    def __init__(self, rate: float, burst: int, path: Path | None = None, slots: int = 1 << 14) -> None:
+        self.rate, self.burst, self.slots = rate, burst, slots
+        size = slots * self.SLOT.size
+        if path is None:
+            self._file = tempfile.TemporaryFile()
+            fd = self._file.fileno()
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._file = os.fdopen(fd, "r+b")
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)  # zeros: every slot empty
+        self._map = mmap.mmap(fd, size)
+        self._lock = threading.Lock()  # flock excludes other processes; this, the threads of this one
+
+    def _slot(self, key: int, now: float) -> tuple[int, float, float]:
+        """(offset, tokens, when) of `key`'s slot, claimed for it if it had none."""
+        first = key % self.slots
+        oldest: tuple[float, int] | None = None
+        for i in range(self.PROBES):
+            offset = ((first + i) % self.slots) * self.SLOT.size
+            held, tokens, when = self.SLOT.unpack_from(self._map, offset)
+            if held == key:
+                return offset, tokens, when
+            if held == 0:
+                return offset, float(self.burst), now
+            if oldest is None or when < oldest[0]:
+                oldest = (when, offset)
+        assert oldest is not None
+        return oldest[1], float(self.burst), now
 
     def wait(self, client: str, now: float) -> float:
         """0 and a token taken if `client` may go on; else the seconds until it may."""
-        tokens, when = self.buckets.get(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - when) * self.rate)
-        if tokens < 1:
-            self.buckets[client] = (tokens, now)
-            return (1 - tokens) / self.rate
-        if client not in self.buckets and len(self.buckets) >= self.max_clients:
-            full = [c for c, (t, w) in self.buckets.items() if t + (now - w) * self.rate >= self.burst]
-            for c in full or list(self.buckets):
-                del self.buckets[c]
-        self.buckets[client] = (tokens - 1, now)
-        return 0.0
+        key = int.from_bytes(hashlib.blake2b(client.encode(), digest_size=8).digest(), "little") | 1  # never 0
+        with self._lock:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                offset, tokens, when = self._slot(key, now)
+                tokens = min(float(self.burst), tokens + max(0.0, now - when) * self.rate)
+                taken = tokens >= 1
+                self.SLOT.pack_into(self._map, offset, key, tokens - 1 if taken else tokens, now)
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        return 0.0 if taken else (1 - tokens) / self.rate
 
 
 def read_label(value: Any) -> int | str:
@@ -82,7 +122,8 @@ class Collector:
     def __init__(self, settings: Settings, model_path: Path) -> None:
         assert settings.feedback is not None
         self.store = Store(Path(settings.feedback), settings.feedback_max_bytes)
-        self.limit = RateLimit(settings.feedback_rate, settings.feedback_burst)
+        limits = Path(settings.feedback_limits) if settings.feedback_limits else None
+        self.limit = RateLimit(settings.feedback_rate, settings.feedback_burst, limits)
         self.model_id = sha256_file(model_path)
         # fdatasync waits on the disk, not the CPU: a pool of its own keeps the CPU pool preparing
         # images meanwhile, and threads that append together share one fdatasync (Store.append).

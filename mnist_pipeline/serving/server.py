@@ -19,6 +19,7 @@ import ipaddress
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    limits = tempfile.NamedTemporaryFile(prefix="mnist-serve-limits-") if args.feedback else None
     settings = Settings(
+        feedback_limits=limits.name if limits else None,  # removed when this process exits
         max_upload=int(args.max_upload_mb * 2**20),
         threads=args.threads,
         max_queue=args.max_queue,

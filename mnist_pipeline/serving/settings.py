@@ -36,6 +36,7 @@ class Settings:
     feedback_rate: float = DEFAULT_FEEDBACK_RATE
     feedback_burst: int = DEFAULT_FEEDBACK_BURST
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES
+    feedback_limits: str | None = None  # the rate buckets' file every worker shares (mnist-serve makes it)
 
 
 def to_env(model_path: Path, settings: Settings) -> str:
