@@ -2,8 +2,9 @@
 
     python tests/portable_probe.py WORK
 
-WORK holds `raw/` (MNIST-format files) and `params.yaml`. The stages' `main`s run in this process
-(one `import torch`, which costs most under `qemu-x86_64`): preprocess, curate (no corrections), teacher (none), train the MLP
+WORK holds `raw/` (MNIST-format files), `feedback/` (snapshotted users' corrections) and
+`params.yaml`. The stages' `main`s run in this process (one `import torch`, which costs most under
+`qemu-x86_64`): preprocess, curate, teacher (whatever params.yaml's MLP distils from), train the MLP
 and the CNN, evaluate and export the CNN. tests/test_portable.py runs it natively and on emulated
 CPUs of other vendors and instruction sets, and compares what it prints.
 """
@@ -39,7 +40,6 @@ def main(work: Path) -> dict[str, str]:
     with_cnn = work / "params_cnn.yaml"
     with_cnn.write_text(yaml.safe_dump({**yaml.safe_load(params.read_text()), "model": "cnn"}))
     data, out = work / "data", work / "out"
-    (work / "feedback").mkdir(exist_ok=True)  # no users' corrections: curate writes empty splits
     common = ["--timing", str(work / "timing.json")]
     steps = [
         ("preprocess", [str(work / "raw"), str(data), "--params", str(params)]),

@@ -1,7 +1,7 @@
 """The same bytes on every x86-64 CPU (mnist_pipeline/kernels.py, docs/reproducibility.md).
 
-The real stage code (tests/portable_probe.py: preprocess, curate, teacher, the MLP and the CNN
-trained, the CNN evaluated and exported) runs natively, with 1 and 3 threads, and under
+The real stage code (tests/portable_probe.py: preprocess, curate with users' corrections, the CNN
+teacher, the MLP distilled from it, the CNN trained, evaluated and exported) runs natively, with 1 and 3 threads, and under
 `qemu-x86_64` on an emulated AMD EPYC-Rome and an emulated Intel Haswell (both AVX2, no AVX-512),
 and every output must have the same SHA-256. With `MNIST_KERNELS=native` the emulated CPU must
 give other bytes: that is what the pins are for, and it shows this test can see a difference.
@@ -17,11 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from helpers import TINY, write_mirror
+from helpers import TINY, synthetic_digits, write_mirror
 from mnist_pipeline import kernels
+from mnist_pipeline.feedback import snapshot
+from mnist_pipeline.feedback.store import Store, correction
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "portable_probe.py"
@@ -38,7 +41,15 @@ def merged(base: dict, extra: dict) -> dict:
 def inputs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("portable")
     write_mirror(folder / "raw", n_train=600, n_test=100, compressed=False)
-    one_epoch = {m: {"train": {"epochs": 1}} for m in ("mlp", "cnn")}
+    # Users' corrections, snapshotted once here (their ids are random): every run curates the same shards.
+    store = Store(folder / "store", 1 << 22)
+    images, labels = synthetic_digits(40, seed=5)
+    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
+        store.append(correction((image / 255).astype(np.float32), label, np.full(10, 0.1, np.float32), "m",
+                                store.submitter("name", f"writer{i % 8}"), "cli"))
+    store.close()
+    snapshot.take(folder / "store", folder / "feedback")
+    one_epoch = {"mlp": {"train": {"epochs": 1, "distill": {"teacher": "cnn"}}}, "cnn": {"train": {"epochs": 1}}}
     params = merged(merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), one_epoch)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     return folder
