@@ -112,9 +112,10 @@ class FeedbackParams(Section):
     use: StrictBool  # train on the admitted corrections; false trains on MNIST alone (the user split is still scored)
     defence: StrictBool  # false: naive ingest, every correction admitted (for comparison)
     user_split: Float = Field(ge=0.0, le=1.0)  # share of submitters held out for evaluation
-    min_prob: Probability  # a label the answering model gave less probability is implausible
-    max_implausible: Probability  # a submitter with a larger share of implausible labels loses all of them
-    min_records: Int = Field(ge=1)  # ... once they have at least this many
+    min_prob: Probability  # a label the answering model gave less probability ...
+    top_k: Int = Field(ge=1, le=10)  # ... and that is not among its top_k guesses is implausible
+    max_implausible: Probability  # a submitter whose disagreements are more often implausible loses all of them
+    min_records: Int = Field(ge=1)  # ... once they have at least this many disagreements
     max_per_submitter: Int = Field(ge=1)  # records admitted per submitter, the earliest
     repeat: Int = Field(ge=1, le=100)  # times each admitted correction is shown per epoch
     split_key: str = Field(min_length=1, max_length=100)  # keys the user split's hash: not the training seed

@@ -10,11 +10,16 @@ in the order it is applied to the training part:
 1. review: a person's verdict (`mnist-feedback review`) overrides everything below;
 2. implausible: a label the model that answered gave less than `min_prob` (its calibrated
    probability, recorded when the correction came in, so out of sample: that model never
-   trained on it). A careless user's random label gets about 1e-4; a real correction of a
-   digit the model got wrong usually keeps some probability, its second or third guess;
-3. submitter: a submitter with at least `min_records` records, more than `max_implausible` of
-   them implausible, loses all of them: an adversary flipping 7s to 1s at volume, whose
-   flips the model sometimes finds plausible, is judged as a whole;
+   trained on it) *and* that is not among its `top_k` guesses. The rank is what keeps honest
+   corrections: when the model is confidently wrong, the true digit is nearly always its second
+   or third guess, while a careless user's random label lands anywhere among the nine others
+   and an adversary's chosen one (a 7 called 1) is rarely a near miss (docs/feedback.md has
+   the measured shares);
+3. submitter: a submitter with at least `min_records` disagreements with the model (label ≠
+   answer), more than `max_implausible` of them implausible, loses all their corrections: an
+   adversary flipping 7s to 1s at volume is judged as a whole. Only disagreements count, so
+   confirmations ("Right ✓") cannot dilute the share, and a record a reviewer accepted is
+   not implausible;
 4. cap: at most `max_per_submitter` records of one submitter, the earliest, so one flood
    cannot outweigh everyone else.
 
@@ -69,8 +74,12 @@ def verdicts(records: list[Record]) -> dict[str, str]:
     return {r.target: r.verdict for r in records if r.kind == "review"}
 
 
-def plausible(r: Record, min_prob: float) -> bool:
-    return len(r.probabilities) > r.label and r.probabilities[r.label] >= min_prob
+def plausible(r: Record, min_prob: float, top_k: int) -> bool:
+    """Whether the answering model found the label possible: enough probability, or one of its top guesses."""
+    if not 0 <= r.label < len(r.probabilities):
+        return False
+    p = r.probabilities[r.label]
+    return p >= min_prob or sum(q > p for q in r.probabilities) < top_k
 
 
 def curate(records: list[Record], policy: FeedbackParams) -> Curated:
@@ -84,8 +93,11 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
         users = held_out(submitter, policy.user_split, policy.split_key)
         if users:
             out.held_out_submitters.add(submitter)
-        implausible = [r for r in mine if not plausible(r, policy.min_prob)]
-        distrusted = len(mine) >= policy.min_records and len(implausible) > policy.max_implausible * len(mine)
+        implausible = {
+            r.id for r in mine if reviewed.get(r.id) != "accept" and not plausible(r, policy.min_prob, policy.top_k)
+        }
+        disagreements = sum(r.label != r.answer for r in mine)
+        distrusted = disagreements >= policy.min_records and len(implausible) > policy.max_implausible * disagreements
         kept = 0
         for r in mine:
             verdict = reviewed.get(r.id)
@@ -95,7 +107,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
                 reason = None
             elif distrusted:
                 reason = "submitter"
-            elif not plausible(r, policy.min_prob):
+            elif r.id in implausible:
                 reason = "implausible"
             elif kept >= policy.max_per_submitter:
                 reason = "cap"
