@@ -49,7 +49,7 @@ def main() -> None:
             for mode in list(runs) if i % 2 == 0 else list(runs)[::-1]:
                 repo = common.clone(Path(tmp), f"clone-{i}-{mode}", shared_cache=False)
                 # The clone's own code runs its stages, not an installed copy.
-                env = {**common.kernel_env(mode), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo)}
+                env = {**kernels.child_env(mode), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo)}
                 seconds, stages = common.timed_stages([common.DVC, "repro"], repo, env)
                 timing = json.loads((repo / "logs" / "train_timing.json").read_text())
                 evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
@@ -59,7 +59,7 @@ def main() -> None:
                                    "test_accuracy": evaluation["accuracy"]})
                 print(f"first run {i + 1}, {mode}: {seconds:.1f} s (train {timing['train_seconds']:.1f} s, test "
                       f"accuracy {evaluation['accuracy']:.4f}); stages: {stages}", flush=True)
-        env = {**common.kernel_env(kernels.PORTABLE), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo)}
+        env = {**kernels.child_env(kernels.PORTABLE), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(repo)}
         noop = statistics.median(seconds_of([common.DVC, "repro"], repo, env) for _ in range(3))
         dvc_version = statistics.median(seconds_of([common.DVC, "version"], repo, env) for _ in range(3))
         torch_import = statistics.median(seconds_of([sys.executable, "-c", "import torch"], repo, env)

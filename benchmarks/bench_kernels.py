@@ -42,7 +42,7 @@ def train(work: Path, params: Path, mode: str) -> dict[str, object]:
            str(out / "train.json"), "--history", str(out / "history.csv"), "--timing", str(out / "timing.json"),
            "--live", str(out / "live"), "--state-dir", str(work / "state")]
     start = time.perf_counter()
-    common.run(cmd, work, common.kernel_env(mode))
+    common.run(cmd, work, kernels.child_env(mode))
     wall = time.perf_counter() - start
     timing = json.loads((out / "timing.json").read_text())
     return {"train_seconds": timing["train_seconds"], "process_seconds": round(wall, 2),

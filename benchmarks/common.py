@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mnist_pipeline import kernels
 from mnist_pipeline.datasets import DATASETS
 from mnist_pipeline.engine import Distillation, Trainer, predict_logits, seed_everything
 from mnist_pipeline.fileio import write_json
@@ -153,13 +152,6 @@ def save(name: str, results: dict[str, object]) -> Path:
     write_json(path, {"benchmark": name, **code, "machine": machine(), **results})
     print(f"→ {path.relative_to(ROOT)}")
     return path
-
-
-def kernel_env(mode: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    """`env` (default: this process's) for a child that runs `mode` kernels: this process pinned its own
-    (mnist_pipeline/kernels.py), and a native child must not inherit those pins."""
-    base = {k: v for k, v in (os.environ if env is None else env).items() if k not in kernels.PINS}
-    return {**base, kernels.ENV: mode}
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

@@ -452,8 +452,10 @@ def rendered(text: str, renderings: dict[str, str]) -> str:
 
 
 def render_all(draw: bool) -> dict[str, str]:
-    """Every block's text; `draw` also redraws docs/frontier.png."""
-    renderings = {name: render() for name, (render, _) in BLOCKS.items() if name != "frontier"}
+    """Every block's text (a withdrawn block's is empty: its results file may predate its renderer); `draw` also
+    redraws docs/frontier.png."""
+    renderings = {name: "" if name in WITHDRAWN else render() for name, (render, _) in BLOCKS.items()
+                  if name != "frontier"}
     renderings["frontier"] = frontier_block(draw=draw)
     return renderings
 

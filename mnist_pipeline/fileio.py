@@ -38,7 +38,8 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     return stale
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     # The rename is only durable once the directory entry is on disk (power cuts).
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -68,7 +69,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -6,8 +6,8 @@ tests/conftest.py and benchmarks/common.py). It imports torch itself, after sett
 - `ATEN_CPU_CAPABILITY=avx2`: ATen's elementwise ops, reductions and optimizers use their AVX2
   code even on an AVX-512 CPU (the vector width decides the order of a sum);
 - `MKL_CBWR=COMPATIBLE`: MKL's matmul takes its conditional-numerical-reproducibility path, the one
-  it honours on AMD as well as Intel. It is MKL's SSE2 code, the cost of the set (about 1.5× for the
-  default MLP's training, benchmarks/results/kernels.json). `AVX2,STRICT` is faster and agrees
+  it honours on AMD as well as Intel. It is MKL's SSE2 code, the cost of the set (1.36× for the
+  default MLP's training at its last measure, benchmarks/results/kernels.json). `AVX2,STRICT` is faster and agrees
   between AMD CPUs, but an emulated Intel Haswell trained another MLP with it;
 - `ONEDNN_MAX_CPU_ISA=AVX2`: oneDNN's convolutions stop at AVX2;
 
@@ -59,6 +59,12 @@ def pin(environ: MutableMapping[str, str] = os.environ) -> str:
             )
         environ.update(PINS)
     return chosen
+
+
+def child_env(chosen: str, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """`environ` for a child process that runs `chosen` kernels. This process pinned its own, and a native
+    child must not inherit those pins; a portable child pins itself."""
+    return {**{k: v for k, v in environ.items() if k not in PINS}, ENV: chosen}
 
 
 def describe() -> str:

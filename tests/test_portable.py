@@ -59,7 +59,7 @@ def start(inputs: Path, name: str, cpu: str | None = None, **env: str) -> tuple[
     work = inputs.parent / f"{inputs.name}-{name}"
     shutil.copytree(inputs, work)
     prefix = [QEMU, "-cpu", cpu] if cpu else []
-    inherited = {k: v for k, v in os.environ.items() if k not in kernels.PINS}  # this process pinned its own
+    inherited = kernels.child_env(env.pop(kernels.ENV, kernels.PORTABLE))
     proc = subprocess.Popen([*prefix, sys.executable, str(PROBE), str(work)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=work,
                             env={**inherited, "PYTHONPATH": str(ROOT), **env})

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.fileio import fsync_dir
 
 DEFAULT_STORE = Path("feedback")  # the live store, relative to the repository root (ignored by git and DVC)
 MIN_FREE_BYTES = 256 << 20  # the store refuses rather than take the disk's last bytes
@@ -298,20 +299,12 @@ def load_salt(root: Path) -> bytes:
             os.close(fd)
         try:
             os.link(tmp, path)
-            _fsync_dir(root)
+            fsync_dir(root)
         except FileExistsError:
             pass
         finally:
             tmp.unlink(missing_ok=True)
     raise StoreError(f"{path}: not a 32-byte salt; remove it only if the store is new")
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def pseudonym(salt: bytes, kind: str, value: str) -> str:
@@ -359,7 +352,7 @@ class Store:
             self._fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
             self._pid = os.getpid()
             self._synced[self._fd] = self._written[self._fd] = 0
-            _fsync_dir(folder)  # the new file's name is durable before any record in it is acknowledged
+            fsync_dir(folder)  # the new file's name is durable before any record in it is acknowledged
         return self._fd
 
     def _retire(self, fd: int) -> None:
