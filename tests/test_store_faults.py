@@ -3,6 +3,7 @@ the store accepting records again (mnist_pipeline/feedback/store.py, issue 30)."
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ from mnist_pipeline.feedback.store import (
     encode,
     pseudonym,
     read_frames,
+    segments,
     read_store,
 )
 
@@ -40,7 +42,8 @@ PROBS = np.full(10, 0.1, np.float32)
 
 
 def record(i: int, upload: bytes = b"png"):
-    return correction(np.full((28, 28), i / 100, np.float32), i % 10, PROBS, "m", f"s{i}", "cli", upload)
+    made = correction(np.full((28, 28), i / 100, np.float32), i % 10, PROBS, "m", f"s{i}", "cli", upload)
+    return dataclasses.replace(made, time=1.0)  # frames of one size, whatever the clock says
 
 
 class Faults:
@@ -244,3 +247,71 @@ def test_a_record_is_fdatasynced_before_it_is_acknowledged(tmp_path):
     syncs = [i for i, line in enumerate(calls) if "fdatasync(" in line and " = 0" in line]
     assert any(frame < i < ack for i in syncs), "\n".join(calls[frame:ack + 1])
     assert any("fsync(" in line for line in calls[:frame])  # the salt and the segment's folder, before any record
+
+
+def test_a_snapshot_reads_only_what_is_new(tmp_path, monkeypatch):
+    store, folder = Store(tmp_path / "s", 1 << 30), tmp_path / "shards"
+    folder.mkdir()
+    for i in range(20):
+        store.append(record(i))
+    first = snapshot.take(tmp_path / "s", folder)
+    before = sum(p.stat().st_size for p in segments(tmp_path / "s"))
+    for i in range(20, 23):
+        store.append(record(i))
+    new_bytes = sum(p.stat().st_size for p in segments(tmp_path / "s")) - before
+    seen: list[int] = []
+    real = store_module.scan
+    monkeypatch.setattr(snapshot, "scan", lambda data, name, offset=0: seen.append(len(data)) or real(data, name))
+    second = snapshot.take(tmp_path / "s", folder)
+    assert (first.new, second.new, second.total) == (20, 3, 23)
+    assert sum(seen) == new_bytes  # the three new frames, nothing else
+    assert [r.id for r in snapshot.read_shards(folder).records] == sorted(r.id for r in read_store(tmp_path / "s").records)
+    # A folder whose shards are not the mark's (a crash after the shard, another checkout): everything compared.
+    first.path.unlink()
+    third = snapshot.take(tmp_path / "s", folder)
+    assert third.new == 20 and third.total == 23 and sum(seen) > 2 * new_bytes
+    store.close()
+
+
+def test_retire_removes_what_snapshots_hold_and_no_writer_has_open(tmp_path):
+    root, folder = tmp_path / "s", tmp_path / "shards"
+    folder.mkdir()
+    with pytest.raises(PipelineError, match="no snapshot"):
+        snapshot.retire(root, folder)
+    size = len(encode(record(0)))
+    closed = Store(root, 6 * size)
+    for i in range(6):
+        closed.append(record(i))
+    closed.close()
+    live = Store(root, 6 * size)
+    with pytest.raises(StoreFull):  # the bound counts every segment
+        live.append(record(6))
+    snapshot.take(root, folder)
+    # A killed writer: its segment ends in a torn frame it never acknowledged, and no one holds its lock.
+    (root / "segments" / "killed.seg").write_bytes(encode(record(7))[:40])
+    snapshot.take(root, folder)
+    done = snapshot.retire(root, folder)
+    assert len(done.removed) == 2 and done.bytes == 6 * size + 40 and done.kept == 0
+    assert live.append(record(8))  # room again: the bound is about live records
+    kept = snapshot.retire(root, folder)
+    assert kept.removed == [] and kept.kept == 1  # the live writer's segment: locked, and its record not snapshotted
+    snapshot.take(root, folder)
+    assert snapshot.retire(root, folder).kept == 1  # snapshotted, but still open by its writer
+    live.close()
+    assert len(snapshot.retire(root, folder).removed) == 1
+    held = sorted(r.id for r in snapshot.read_shards(folder).records)
+    assert len(held) == 7 and segments(root) == []  # every acknowledged record is in a shard
+
+
+def test_mnist_feedback_retire(tmp_path, capsys):
+    from mnist_pipeline.feedback import cli
+
+    root, folder = tmp_path / "s", tmp_path / "shards"
+    store = Store(root, 1 << 20)
+    store.append(record(0))
+    store.close()
+    args = ["--store", str(root), "--snapshots", str(folder)]
+    assert cli.main([*args, "retire"]) == 2 and "run `mnist-feedback snapshot`" in capsys.readouterr().err
+    assert cli.main([*args, "snapshot", "--no-dvc"]) == 0
+    assert cli.main([*args, "retire"]) == 0 and "1 segment(s) retired" in capsys.readouterr().out
+    assert segments(root) == [] and len(snapshot.read_shards(folder).records) == 1

@@ -5,6 +5,7 @@
     mnist-feedback status                                      counts per class and submitter, agreement with the model
     mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
     mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on what curate quarantined
+    mnist-feedback retire                                      remove what snapshots hold from the live store
 
 Run from the repository root, no paths are needed: the live store is feedback/ (as
 `mnist-serve --feedback` writes it), the shards data/feedback/, the model the exported ONNX.
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what has been collected")
     snap = sub.add_parser("snapshot", help="freeze what is new into a DVC-tracked shard")
     snap.add_argument("--no-dvc", action="store_true", help="write the shard only; `dvc add` it yourself")
+    sub.add_parser("retire", help="remove the store's segments that snapshots hold and no writer has open")
     rev = sub.add_parser("review", help="accept or reject quarantined corrections")
     rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
     rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
@@ -234,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{snap.path}: {snap.new} new records ({snap.total} in all). Commit and share it:\n"
                 f"  git add {snap.path}.dvc {args.snapshots}/.gitignore && git commit -m 'Snapshot {snap.new} "
                 f"corrections'\n  dvc push   # uploads this shard only\nthen `dvc repro` trains on it."
+            )
+            return 0
+        if args.command == "retire":
+            done = snapshots.retire(args.store, args.snapshots)
+            print(
+                f"{len(done.removed)} segment(s) retired ({done.bytes:,} bytes; every record is in "
+                f"{args.snapshots}: keep its shards pushed with `dvc push`), {done.kept} kept (open by a writer, or "
+                "holding records no snapshot has)"
             )
             return 0
         store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES)

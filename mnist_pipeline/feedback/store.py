@@ -31,6 +31,7 @@ Nothing here imports torch or onnxruntime: the server's workers and the CLI both
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import itertools
@@ -225,12 +226,18 @@ def _resync(data: bytes, offset: int) -> int | None:
     return None
 
 
-def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None, list[str]]:
-    """The whole, verified records of one segment or shard; the torn tail, if any; the damage skipped
-    in the middle (each `<name>: N bytes at offset O (why)`)."""
+@dataclass
+class Scan:
+    records: list[Record]
+    end: int  # where the whole frames end: the start of the torn tail, or the end of the data
+    torn: str | None  # "<name>: <why> at offset O" when the data ends in a torn frame
+    skipped: list[str]  # "<name>: N bytes at offset O (why)": damage in the middle, resynced past
+
+
+def scan(data: bytes, name: str, offset: int = 0) -> Scan:
+    """The whole, verified records of one segment or shard, from `offset` (the start of a frame) on."""
     records: list[Record] = []
     skipped: list[str] = []
-    offset = 0
     while offset < len(data):
         found = _frame_at(data, offset)
         problem = found if isinstance(found, str) else None
@@ -244,10 +251,17 @@ def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None, list[
                 problem = f"unreadable record ({exc})"
         after = _resync(data, offset)
         if after is None:
-            return records, f"{name}: {problem} at offset {offset}", skipped
+            return Scan(records, offset, f"{name}: {problem} at offset {offset}", skipped)
         skipped.append(f"{name}: {after - offset} bytes at offset {offset} ({problem})")
         offset = after
-    return records, None, skipped
+    return Scan(records, offset, None, skipped)
+
+
+def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None, list[str]]:
+    """The whole, verified records of one segment or shard; the torn tail, if any; the damage skipped
+    in the middle (each `<name>: N bytes at offset O (why)`)."""
+    found = scan(data, name)
+    return found.records, found.torn, found.skipped
 
 
 def read_files(paths: list[Path]) -> ReadResult:
@@ -350,6 +364,9 @@ class Store:
             name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.seg"
             folder = self.root / "segments"
             self._fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
+            # Held while this process may append, before any byte is written: `mnist-feedback retire`
+            # removes only segments that are unlocked and not empty, so never one still being written.
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._pid = os.getpid()
             self._synced[self._fd] = self._written[self._fd] = 0
             fsync_dir(folder)  # the new file's name is durable before any record in it is acknowledged
