@@ -24,7 +24,7 @@ each seed the baseline is the pipeline at that seed without corrections.
 Then the store: `snapshot` + `dvc push` of 1,000 new records on top of 10,000 (to a local DVC
 remote) against the first 10,000. `/feedback` under load is bench_serve.py's.
 
-    MNIST_MIRROR=… python benchmarks/bench_feedback.py [--seeds 42 1]
+    MNIST_MIRROR=… python benchmarks/bench_feedback.py [--seeds 42 1 2]
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def snapshot_costs(work: Path, rows: list[tuple[Path, int, str]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
                         help="a subset, to try the benchmark out (the report needs them all)")
     args = parser.parse_args()
