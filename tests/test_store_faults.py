@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -315,3 +316,34 @@ def test_mnist_feedback_retire(tmp_path, capsys):
     assert cli.main([*args, "snapshot", "--no-dvc"]) == 0
     assert cli.main([*args, "retire"]) == 0 and "1 segment(s) retired" in capsys.readouterr().out
     assert segments(root) == [] and len(snapshot.read_shards(folder).records) == 1
+
+
+def test_snapshots_and_retires_beside_live_writers_lose_nothing(tmp_path):
+    """Writers come and go while snapshots (the first reading everything) and retires run: every
+    acknowledged record ends in exactly one shard."""
+    root, folder = tmp_path / "s", tmp_path / "shards"
+    folder.mkdir()
+    Store(root, 1 << 30).close()  # the salt
+    acknowledged: list[str] = []
+
+    def writer(n: int) -> None:
+        for k in range(10):
+            store = Store(root, 1 << 30)
+            acknowledged.extend(store.append(record(n * 1000 + k * 10 + j)) for j in range(5))
+            store.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for turn in itertools.count():
+        if not any(t.is_alive() for t in threads):
+            break
+        if turn % 2:  # every other snapshot without its mark: the full read (as into another checkout)
+            (root / snapshot.MARK).unlink(missing_ok=True)
+        snapshot.take(root, folder)
+        snapshot.retire(root, folder)
+    for t in threads:
+        t.join()
+    snapshot.take(root, folder)
+    ids = [r.id for r in snapshot.read_shards(folder).records]
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(acknowledged) and len(ids) == 150

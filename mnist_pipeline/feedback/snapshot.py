@@ -94,16 +94,18 @@ def _mark(store: Path, folder: Path) -> dict | None:
     return mark if isinstance(mark, dict) and mark.get("shards") == [p.name for p in shards(folder)] else None
 
 
-def _new_since(store: Path, mark: dict) -> tuple[list[Record], dict[str, int]]:
-    """The records past the mark in each segment (a segment it does not name is new), and where they end."""
+def _new_since(store: Path, read: dict[str, int], seen: set[str]) -> tuple[list[Record], dict[str, int]]:
+    """The records past `read` (segment → bytes already read; a segment it does not name is new) whose
+    ids are not in `seen`, and where each segment's whole frames end: both from the same bytes, so a
+    record a writer appends meanwhile is either among them or past the new mark, never lost between."""
     new: list[Record] = []
     ends: dict[str, int] = {}
     for path in segments(store):
-        start = mark["read"].get(path.name, 0)
+        start = read.get(path.name, 0)
         with path.open("rb") as handle:
             handle.seek(start)
             found = scan(handle.read(), path.name)
-        new += found.records
+        new += [r for r in found.records if r.id not in seen]
         ends[path.name] = start + found.end
     return sorted(new, key=lambda r: r.id), ends
 
@@ -119,12 +121,12 @@ def take(store: Path, folder: Path) -> Snapshot:
     with _locked(store):
         mark = _mark(store, folder)
         if mark is not None:
-            new, ends = _new_since(store, mark)
+            new, ends = _new_since(store, mark["read"], set())
             total = int(mark["total"])
-        else:  # the first snapshot into this folder: every id compared
-            new, _ = pending(store, folder)
-            total = len(read_shards(folder).records)
-            ends = {p.name: scan(p.read_bytes(), p.name).end for p in segments(store)}
+        else:  # the first snapshot into this folder: every segment read, every id compared
+            held = {r.id for r in read_shards(folder).records}
+            new, ends = _new_since(store, {}, held)
+            total = len(held)
         path = None
         if new:
             data = b"".join(encode(r) for r in new)
