@@ -7,8 +7,8 @@ send anything: their 2,000 digits are the held-out users the table scores, throu
 `images.prepare` and the exported ONNX model, as `mnist-predict` would, overall and on the
 targeted error (their 7s read as 1).
 
-Each scenario is a fresh clone of this repository at the committed model (seed 42), then the
-loop of docs/feedback.md: `mnist-feedback import`, `mnist-feedback snapshot`, `dvc repro`. For
+Each scenario is a fresh clone of this repository at the committed model (seed 42), its store
+keyed by one salt for all (so each holds out the same writers), then the loop of docs/feedback.md: `mnist-feedback import`, `mnist-feedback snapshot`, `dvc repro`. For
 each seed the baseline is the pipeline at that seed without corrections.
 
 - clean: every digit sent, every label right;
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import random
@@ -49,6 +50,7 @@ from mnist_pipeline.images import prepare
 WRITERS, PER_DIGIT, CORRECTING = 60, 10, 40
 ADVERSARIAL, FLIPS, CONFIRMED = 0.2, 0.2, 0.1
 TARGET = (7, 1)  # the adversary's aim: held-out 7s read as 1
+SALT = hashlib.sha256(b"bench_feedback").digest()  # the pseudonym key of every scenario's store
 SCENARIOS = {  # name: (what is sent, defence)
     "clean": ("all", True),
     "wrong_only_defended": ("wrong_only", True),
@@ -106,6 +108,10 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
     """A clone at the committed model, `seed` set, its baseline reproduced, then one loop of what `sent` says."""
     repo = common.clone(work, name)
     set_params(repo, seed, defence)
+    salt = repo / "feedback" / "salt"  # one key for every scenario's store, as one project's stores share it:
+    salt.parent.mkdir()  # the same writers are held out in each, so scenarios differ only in what is sent
+    salt.write_bytes(SALT)
+    salt.chmod(0o600)
     sh([common.DVC, "repro", "-q"], repo)  # the baseline at this seed (a cache hit at 42)
     before = json.loads((repo / "metrics" / "eval.json").read_text())
     model = repo / "models" / "export" / "model.onnx"

@@ -347,12 +347,14 @@ def test_careless_labels_are_quarantined_and_honest_ones_kept(defence):
     careless = [r for i in range(5) for r in population(rng, f"careless{i}", 100, wrong=0.3)]
     honest = [r for i in range(5) for r in population(rng, f"h{i}", 100)]
     result = curate.curate(careless + honest, policy(defence=defence, **ALL_TRAIN))
-    wrong_admitted = sum(r.label != truth(r) for r in result.admitted)
+    wrong = [r for r in careless if r.label != truth(r)]
+    admitted = [r for r in result.admitted if r.label != truth(r)]
     assert sum(r.submitter.startswith("h") for r in result.admitted) == len(honest)
-    if defence:
-        assert wrong_admitted <= 10
+    if defence:  # only the near misses pass: a random label is among the model's top 3 about 2 times in 9
+        assert len(admitted) < 0.35 * len(wrong)
+        assert all(sum(q > r.probabilities[r.label] for q in r.probabilities) < 3 for r in admitted)
     else:
-        assert wrong_admitted > 100
+        assert len(admitted) == len(wrong) > 100
 
 
 @pytest.mark.parametrize("top_k", [3, 1])
@@ -373,11 +375,17 @@ def test_an_adversary_flipping_sevens_to_ones_is_shut_out(defence):
     rng = np.random.default_rng(2)
     honest = [r for i in range(10) for r in population(rng, f"h{i}", 60)]
     sevens = [r for r in population(rng, "adversary", 400) if truth(r) == 7]
-    # Every 7 labelled 1; for a fifth of them the model gave 1 enough probability to pass on its own. The
-    # confirmations of right answers that come with them cannot dilute what the flips weigh.
+    # Every 7 labelled 1. To the model 1 is among a 7's least likely digits (so on bench_feedback's writers),
+    # but for a tenth of them it gave 1 enough probability to pass on its own. The confirmations of right
+    # answers that come with them cannot dilute what the flips weigh.
+    def unlikely_one(probs: tuple[float, ...]) -> tuple[float, ...]:
+        low = list(probs)
+        low[1] = min(probs) / 2
+        return tuple(low)
+
     flipped = [replace(r, label=1, probabilities=tuple(0.2 if c == 1 else p * 0.8 for c, p in
-                                                       enumerate(r.probabilities)) if i % 5 == 0 else r.probabilities)
-               for i, r in enumerate(sevens)]
+                                                       enumerate(r.probabilities)) if i % 10 == 0
+                       else unlikely_one(r.probabilities)) for i, r in enumerate(sevens)]
     confirmations = [replace(r, id=r.id + "c") for r in population(rng, "adversary", 400)]
     result = curate.curate(honest + flipped + confirmations, policy(defence=defence, **ALL_TRAIN))
     adversarial = [r for r in result.admitted if r.submitter == "adversary" and r.label != truth(r)]
