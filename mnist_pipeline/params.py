@@ -115,6 +115,7 @@ class FeedbackParams(Section):
     min_prob: Probability  # a label the answering model gave less probability ...
     top_k: Int = Field(ge=1, le=10)  # ... and that is not among its top_k guesses is implausible
     max_implausible: Probability  # a submitter whose disagreements are more often implausible loses all of them
+    trusted_implausible: Probability  # ... and one whose are at most this often keeps the implausible ones too
     min_records: Int = Field(ge=1)  # ... once they have at least this many disagreements
     max_per_submitter: Int = Field(ge=1)  # records admitted per submitter, the earliest
     repeat: Int = Field(ge=1, le=100)  # times each admitted correction is shown per epoch

@@ -1,7 +1,7 @@
 """curate stage: the snapshot's corrections → a held-out user split and the admitted training part.
 
-Params: feedback (use, defence, user_split, min_prob, top_k, max_implausible, min_records,
-max_per_submitter, split_key; repeat is the train stage's).
+Params: feedback (use, defence, user_split, min_prob, top_k, max_implausible, trusted_implausible,
+min_records, max_per_submitter, split_key; repeat is the train stage's).
 Reads: SNAPSHOTS/shard-*.rec (what `mnist-feedback snapshot` froze; never the live store).
 Writes: --admitted {images,labels}.npy + meta.json (what train mixes in: empty without
 feedback or with feedback.use false), --users {images,labels}.npy (submitters held out,

@@ -301,11 +301,12 @@ def test_without_feedback_there_is_no_route_and_no_buttons(exported_models):
 
 
 def population(rng: np.random.Generator, submitter: str, n: int, wrong: float = 0.0,
-               label_of=None, misread: bool = False) -> list[Record]:
+               label_of=None, misread: bool = False, far_every: int = 0) -> list[Record]:
     """`n` corrections whose recorded probabilities put at least 0.97 on the true digit; a share `wrong` of them
     (or every one `label_of` maps) carry another label, as careless users or an adversary send them. `misread`:
     the model was confidently wrong instead: at least 0.99 on another digit, under 1 % on the true one, which is
-    its second or third guess, as bench_feedback's writers show a real model's mistakes to be."""
+    its second or third guess, as bench_feedback's writers show a real model's mistakes to be; for every
+    `far_every`-th of them the true digit is only its fifth guess."""
     out = []
     for _ in range(n):
         truth = int(rng.integers(10))
@@ -316,6 +317,9 @@ def population(rng: np.random.Generator, submitter: str, n: int, wrong: float = 
             probs = np.full(10, 1e-5)
             probs[order[1]] = rng.uniform(0.001, 0.004) if rng.random() < 0.5 else 0
             probs[truth] = rng.uniform(probs[order[1]] + 1e-4, 0.009)  # 2nd or 3rd guess, < 1 %
+            if far_every and len(out) % far_every == far_every - 1:
+                probs[order[1:4]] = 0.005 + rng.uniform(0, 0.004, 3)
+                probs[truth] = 0.001
             probs[order[0]] = 1 - probs.sum() + probs[order[0]]
         label = truth
         if label_of is not None:
@@ -357,15 +361,22 @@ def test_careless_labels_are_quarantined_and_honest_ones_kept(defence):
         assert len(admitted) == len(wrong) > 100
 
 
-@pytest.mark.parametrize("top_k", [3, 1])
-def test_corrections_of_the_models_confident_mistakes_are_admitted(top_k):
-    """Users who send only what the model misread (with < 1 % on the truth), plus some "Right ✓" confirmations:
-    every correction is admitted. top_k=1 is the rule by probability alone, which quarantined them."""
+@pytest.mark.parametrize("rule", ["default", "probability alone", "no trust"])
+def test_corrections_of_the_models_confident_mistakes_are_admitted(rule):
+    """Users who send only what the model misread (with < 1 % on the truth; for one in ten the truth is only
+    its fifth guess), plus some "Right ✓" confirmations: every correction is admitted. Judged by the
+    probability alone they were quarantined, and without trust the fifth-guess ones are."""
     rng = np.random.default_rng(7)
-    records = [r for i in range(20) for r in population(rng, f"h{i}", 15, misread=True) + population(rng, f"h{i}", 5)]
-    result = curate.curate(records, policy(top_k=top_k, **ALL_TRAIN))
-    if top_k == 3:
+    records = [r for i in range(20) for r in population(rng, f"h{i}", 15, misread=True, far_every=10)
+               + [replace(c, id=c.id + "c") for c in population(rng, f"h{i}", 5)]]
+    far = [r for r in records if sum(q > r.probabilities[r.label] for q in r.probabilities) >= 3]
+    assert len(far) == 20
+    overrides = {"default": {}, "probability alone": {"top_k": 1}, "no trust": {"trusted_implausible": 0.0}}[rule]
+    result = curate.curate(records, policy(**overrides, **ALL_TRAIN))
+    if rule == "default":
         assert len(result.admitted) == len(records)
+    elif rule == "no trust":
+        assert sorted(r.id for r in result.quarantined["implausible"]) == sorted(r.id for r in far)
     else:
         assert len(result.admitted) < len(records) / 2
 

@@ -19,7 +19,10 @@ in the order it is applied to the training part:
    answer), more than `max_implausible` of them implausible, loses all their corrections: an
    adversary flipping 7s to 1s at volume is judged as a whole. Only disagreements count, so
    confirmations ("Right ✓") cannot dilute the share, and a record a reviewer accepted is
-   not implausible;
+   not implausible. The other way round, a submitter whose disagreements are implausible at
+   most `trusted_implausible` of the time is trusted, and their implausible labels pass too:
+   an honest user's rare correction that the model ranked lower still, with no evidence
+   against it;
 4. cap: at most `max_per_submitter` records of one submitter, the earliest, so one flood
    cannot outweigh everyone else.
 
@@ -98,6 +101,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
         }
         disagreements = sum(r.label != r.answer for r in mine)
         distrusted = disagreements >= policy.min_records and len(implausible) > policy.max_implausible * disagreements
+        trusted = len(implausible) <= policy.trusted_implausible * disagreements
         kept = 0
         for r in mine:
             verdict = reviewed.get(r.id)
@@ -107,7 +111,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
                 reason = None
             elif distrusted:
                 reason = "submitter"
-            elif r.id in implausible:
+            elif r.id in implausible and not trusted:
                 reason = "implausible"
             elif kept >= policy.max_per_submitter:
                 reason = "cap"
