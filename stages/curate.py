@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mnist_pipeline import stage
 from mnist_pipeline.feedback import curate, splits
-from mnist_pipeline.feedback.snapshot import read_shards, shards
+from mnist_pipeline.feedback.records import read_shards, shards
 from mnist_pipeline.fileio import atomic_path, write_json
 
 

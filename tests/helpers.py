@@ -211,6 +211,20 @@ def served(model: Path, *extra: str) -> Iterator[tuple[subprocess.Popen, str]]:
     assert proc.returncode == 0 and "stopped" in rest and "Traceback" not in err, (proc.returncode, rest, err)
 
 
+def stored(where: str | Path) -> dict:
+    """Every record of a feedback store, by id, read as `mnist-feedback export` reads it."""
+    from sqlalchemy import text
+
+    from mnist_pipeline.feedback.store import COLUMNS, Store, record_of
+
+    store = Store(where, check=False)
+    try:
+        with store.read() as conn:
+            return {r.id: r for r in map(record_of, conn.execute(text(f"SELECT {', '.join(COLUMNS)} FROM records")))}
+    finally:
+        store.close()
+
+
 def _response_complete(got: bytes) -> bool:
     head, found, body = got.partition(b"\r\n\r\n")
     if not found:

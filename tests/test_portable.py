@@ -24,7 +24,8 @@ import yaml
 from helpers import TINY, synthetic_digits, write_mirror
 from mnist_pipeline import kernels
 from mnist_pipeline.feedback import snapshot
-from mnist_pipeline.feedback.store import Store, correction
+from mnist_pipeline.feedback.records import correction
+from mnist_pipeline.feedback.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "portable_probe.py"
@@ -44,11 +45,11 @@ def inputs(tmp_path_factory) -> Path:
     # Users' corrections, snapshotted once here (their ids are random): every run curates the same shards.
     store = Store(folder / "store", 1 << 22)
     images, labels = synthetic_digits(40, seed=5)
-    for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True)):
-        store.append(correction((image / 255).astype(np.float32), label, np.full(10, 0.1, np.float32), "m",
-                                store.submitter("name", f"writer{i % 8}"), "cli"))
+    store.append([correction((image / 255).astype(np.float32), label, np.full(10, 0.1, np.float32), "m",
+                             store.submitter("name", f"writer{i % 8}"), "cli")
+                  for i, (image, label) in enumerate(zip(images.numpy(), labels.tolist(), strict=True))])
+    snapshot.take(store, folder / "feedback")
     store.close()
-    snapshot.take(folder / "store", folder / "feedback")
     one_epoch = {"mlp": {"train": {"epochs": 1, "distill": {"teacher": "cnn"}}}, "cnn": {"train": {"epochs": 1}}}
     params = merged(merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), one_epoch)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))

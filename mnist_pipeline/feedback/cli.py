@@ -5,10 +5,13 @@
     mnist-feedback status                                      counts per class and submitter, agreement with the model
     mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
     mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on what curate quarantined
-    mnist-feedback retire                                      remove what snapshots hold from the live store
+    mnist-feedback retire                                      delete from the store what DVC-tracked shards hold
+    mnist-feedback export [--format jsonl|csv]                 one line per record, for pandas, SQL and operators
+    mnist-feedback migrate DIR                                 a segment store (before the database) → this store
 
-Run from the repository root, no paths are needed: the live store is feedback/ (as
-`mnist-serve --feedback` writes it), the shards data/feedback/, the model the exported ONNX.
+Run from the repository root, no paths are needed: the live store is feedback/feedback.sqlite3 (as
+`mnist-serve --feedback` writes it; `--store postgresql://…` for a shared one), the shards
+data/feedback/, the model the exported ONNX.
 Each image is prepared and scored exactly as `mnist-predict` does; a bad file is that file's
 error line and the others are still recorded. Submitter names are stored only as salted
 hashes (the store's key), like the server's client addresses.
@@ -19,16 +22,28 @@ from __future__ import annotations
 import argparse
 import csv
 import getpass
+import json
 import sys
-from collections import Counter
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.feedback import snapshot as snapshots
-from mnist_pipeline.feedback.store import DEFAULT_STORE, Record, Store, correction, new_id, read_store
+from mnist_pipeline.feedback.records import (
+    DEFAULT_SNAPSHOTS,
+    Record,
+    correction,
+    new_id,
+    read_files,
+    read_shards,
+    shards,
+)
+from mnist_pipeline.feedback.store import COUNT, DEFAULT_STORE, INSERT, Store, failure, row
 
 DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
 MAX_ROWS = 1_000_000  # rows of one CSV import
@@ -91,38 +106,120 @@ def record_items(store: Store, model_path: Path, items: list[Item]) -> tuple[int
         if not ready:
             continue
         probs = model.probabilities(np.stack([r[3] for r in ready]))
-        for (path, label, name, image, data), p in zip(ready, probs, strict=True):
-            rec = correction(image, label, p, identity, store.submitter("name", name), "cli", data)
-            store.append(rec)
-            print(f"{path}: {rec.id} label {label}, model said {rec.answer}")
-            recorded += 1
+        recs = [
+            correction(image, label, p, identity, store.submitter("name", name), "cli", data)
+            for (_, label, name, image, data), p in zip(ready, probs, strict=True)
+        ]
+        store.append(recs)  # one transaction a chunk: every line below is committed
+        for (path, *_), rec in zip(ready, recs, strict=True):
+            print(f"{path}: {rec.id} label {rec.label}, model said {rec.answer}")
+        recorded += len(recs)
     return recorded, errors
 
 
-def status(store_path: Path, folder: Path) -> list[str]:
-    live = read_store(store_path)
-    new, _ = snapshots.pending(store_path, folder)
-    corrections = [r for r in live.records if r.kind == "correction"]
+def status(store: Store, folder: Path) -> list[str]:
+    """What the store holds, counted by SQL."""
+    with store.read() as conn:
+
+        def counts(sql: str) -> dict[Any, int]:
+            return {key: int(n) for key, n in conn.execute(text(sql))}
+
+        kinds = counts("SELECT kind, count(*) FROM records GROUP BY kind")
+        new = conn.execute(text("SELECT count(*) FROM records WHERE snapshot IS NULL")).scalar_one()
+        states = counts("SELECT state, count(*) FROM snapshots GROUP BY state")
+        classes = counts("SELECT label, count(*) FROM records WHERE kind = 'correction' GROUP BY label")
+        agree = conn.execute(text("SELECT count(*) FROM records WHERE kind = 'correction' AND label = answer"))
+        agree = agree.scalar_one()
+        per = conn.execute(
+            text(
+                "SELECT submitter, count(*) AS n FROM records WHERE kind = 'correction' "
+                "GROUP BY submitter ORDER BY n DESC, submitter"
+            )
+        ).all()
+    corrections = kinds.get("correction", 0)
+    snapshotted = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "none"
     lines = [
-        f"{store_path}: {len(corrections)} corrections, {len(live.records) - len(corrections)} reviews, "
-        f"{len(new)} not yet in a snapshot ({folder}: {len(snapshots.shards(folder))} shards)"
+        f"{store.where}: {corrections} corrections, {kinds.get('review', 0)} reviews, {new} not yet in a snapshot "
+        f"(snapshots: {snapshotted}; {folder}: {len(shards(folder))} shards); {store.used_bytes():,} of "
+        f"{store.max_bytes:,} bytes held"
     ]
     if corrections:
-        classes = Counter(r.label for r in corrections)
-        lines.append("per class: " + "  ".join(f"{c}: {classes[c]}" for c in range(10)))
-        agree = sum(r.label == r.answer for r in corrections)
+        lines.append("per class: " + "  ".join(f"{c}: {classes.get(c, 0)}" for c in range(10)))
         lines.append(
-            f"agreement with the model that answered: {agree / len(corrections):.1%} "
-            f"({len(corrections) - agree} corrections of its answer)"
+            f"agreement with the model that answered: {agree / corrections:.1%} "
+            f"({corrections - agree} corrections of its answer)"
         )
-        per = Counter(r.submitter for r in corrections)
-        lines.append(f"submitters: {len(per)}; most records: " + ", ".join(f"{s} {n}" for s, n in per.most_common(5)))
-    lines += [
-        f"warning: {t} (a write that failed or was killed mid-record: it was never acknowledged)" for t in live.torn
+        lines.append(f"submitters: {len(per)}; most records: " + ", ".join(f"{s} {n}" for s, n in per[:5]))
+    return lines
+
+
+EXPORTED = (
+    "id",
+    "time",
+    "kind",
+    "label",
+    "answer",
+    "probabilities",
+    "submitter",
+    "source",
+    "model",
+    "target",
+    "verdict",
+)
+
+
+def export(store: Store, form: str, out: IO[str]) -> int:
+    """Every record, one line each (JSON lines or CSV with a header), in id order; the count."""
+    writer = csv.writer(out, lineterminator="\n") if form == "csv" else None
+    if writer:
+        writer.writerow(EXPORTED)
+    count = 0
+    with store.read() as conn:
+        rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
+            text(f"SELECT {', '.join(EXPORTED)} FROM records ORDER BY id")
+        )
+        for row in rows:
+            values = dict(row._mapping)
+            values["probabilities"] = json.loads(values["probabilities"])
+            if writer:
+                writer.writerow([json.dumps(values[k]) if k == "probabilities" else values[k] for k in EXPORTED])
+            else:
+                out.write(json.dumps(values, separators=(",", ":")) + "\n")
+            count += 1
+    return count
+
+
+def migrate(store: Store, old: Path) -> list[str]:
+    """Every readable record of a segment store (OLD/segments/*.seg, before the database) into `store`, once
+    by id, with OLD's salt, so that pseudonyms go on; what could not be read, each a line."""
+    segments = sorted((old / "segments").glob("*.seg"))
+    if not segments:
+        raise PipelineError(f"{old}: no segments/*.seg: not a segment store")
+    salt = (old / "salt").read_bytes() if (old / "salt").is_file() else None
+    found = read_files(segments)
+    try:
+        with store.engine.begin() as conn:
+            if salt is not None and salt != store.salt:
+                if conn.execute(text("SELECT count(*) FROM records")).scalar_one():
+                    raise PipelineError(
+                        f"{store.where} already holds records under another salt than {old}/salt: "
+                        "migrate into a new store, so that pseudonyms stay the same"
+                    )
+                conn.execute(text("UPDATE meta SET value = :v WHERE key = 'salt'"), {"v": salt.hex()})
+            have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
+            new = {r.id: r for r in found.records if r.id not in have}
+            rows = [row(r) for r in new.values()]
+            if rows:
+                conn.execute(INSERT, rows)
+                conn.execute(COUNT, {"writer": "migrated", "bytes": sum(r["bytes"] for r in rows)})
+    except SQLAlchemyError as exc:
+        raise failure(exc, store.where) from None
+    lines = [
+        f"{len(new)} records migrated from {len(segments)} segments of {old} into {store.where} "
+        f"({len(found.records) - len(new)} already there){'' if salt else '; no salt in ' + str(old)}"
     ]
-    lines += [
-        f"warning: skipped {s}: damage in the middle of a segment; the records after it were read" for s in live.skipped
-    ]
+    lines += [f"not read: {t} (a write that failed or was killed mid-record: never acknowledged)" for t in found.torn]
+    lines += [f"not read: {s}" for s in found.skipped]
     return lines
 
 
@@ -144,14 +241,12 @@ def ascii_digit(image: np.ndarray) -> str:
 
 def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str], reviewer: str) -> list[str]:
     """Append a review record per verdict; with no verdicts given, ask about each quarantined item."""
-    import json
-
     try:
         entries = json.loads(quarantine.read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{quarantine}: no quarantine list ({exc}); run `dvc repro curate` first") from None
     reasons = {e["id"]: e["reason"] for e in entries}
-    known = {r.id: r for r in snapshots.read_shards(folder).records + read_store(store.root).records}
+    known = {r.id: r for r in read_shards(folder).records + store.get(list(reasons))}
     done = {r.target for r in known.values() if r.kind == "review"}
     lines = []
     if not verdicts:
@@ -184,19 +279,20 @@ def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str
             target=item_id,
             verdict=verdict,
         )
-        store.append(rec)
+        store.append([rec])
         lines.append(f"{item_id}: {verdict}ed; it counts from the next snapshot")
     return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-feedback", description="Users' corrections → versioned training data.")
-    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"live store (default {DEFAULT_STORE}/)")
     parser.add_argument(
-        "--snapshots",
-        type=Path,
-        default=snapshots.DEFAULT_SNAPSHOTS,
-        help=f"DVC-tracked shards (default {snapshots.DEFAULT_SNAPSHOTS}/)",
+        "--store",
+        default=DEFAULT_STORE,
+        help=f"the live store: a folder (SQLite) or a postgresql:// URL (default {DEFAULT_STORE}/)",
+    )
+    parser.add_argument(
+        "--snapshots", type=Path, default=DEFAULT_SNAPSHOTS, help=f"DVC-tracked shards (default {DEFAULT_SNAPSHOTS}/)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="record images with one label")
@@ -210,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what has been collected")
     snap = sub.add_parser("snapshot", help="freeze what is new into a DVC-tracked shard")
     snap.add_argument("--no-dvc", action="store_true", help="write the shard only; `dvc add` it yourself")
-    sub.add_parser("retire", help="remove the store's segments that snapshots hold and no writer has open")
+    sub.add_parser("retire", help="delete from the store the records of shards DVC tracks (and has pushed)")
+    exp = sub.add_parser("export", help="print every record, one line each")
+    exp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    mig = sub.add_parser("migrate", help="read a segment store (before the database) into this store")
+    mig.add_argument("source", type=Path)
     rev = sub.add_parser("review", help="accept or reject quarantined corrections")
     rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
     rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
@@ -222,31 +322,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES)
         if args.command == "status":
-            print("\n".join(status(args.store, args.snapshots)))
+            print("\n".join(status(store, args.snapshots)))
             return 0
+        if args.command == "export":
+            print(f"{export(store, args.format, sys.stdout)} records", file=sys.stderr)
+            return 0
+        if args.command == "migrate":
+            lines = migrate(store, args.source)
+            print("\n".join(lines))
+            return 1 if len(lines) > 1 else 0
         if args.command == "snapshot":
-            snap = snapshots.take(args.store, args.snapshots)
+            snap = snapshots.take(store, args.snapshots)
             if snap.path is None:
-                print(f"nothing new: {snap.total} records are already in {args.snapshots}; no new version")
+                print(f"nothing new: {snap.total} records are already in snapshots; no new version")
                 return 0
             if not args.no_dvc:
                 snapshots.track(snap.path)
             print(
                 f"{snap.path}: {snap.new} new records ({snap.total} in all). Commit and share it:\n"
                 f"  git add {snap.path}.dvc {args.snapshots}/.gitignore && git commit -m 'Snapshot {snap.new} "
-                f"corrections'\n  dvc push   # uploads this shard only\nthen `dvc repro` trains on it."
+                f"corrections'\n  dvc push   # uploads this shard only; `mnist-feedback retire` then frees the store\n"
+                "then `dvc repro` trains on it."
             )
             return 0
         if args.command == "retire":
-            done = snapshots.retire(args.store, args.snapshots)
+            done = snapshots.retire(store, args.snapshots)
             print(
-                f"{len(done.removed)} segment(s) retired ({done.bytes:,} bytes; every record is in "
-                f"{args.snapshots}: keep its shards pushed with `dvc push`), {done.kept} kept (open by a writer, or "
-                "holding records no snapshot has)"
+                f"{done.removed} records deleted from {store.where}: they are in {len(done.shards)} shard(s) that "
+                f"DVC tracks in {args.snapshots}" + (f" ({', '.join(done.shards)})" if done.shards else "")
             )
+            for line in done.kept:
+                print(f"kept: {line}")
             return 0
-        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES)
         if args.command == "review":
             verdicts = {**{i: "accept" for i in args.accept}, **{i: "reject" for i in args.reject}}
             lines = review(store, args.snapshots, args.quarantine, verdicts, args.reviewer)
@@ -263,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in problems + errors:
         print(line, file=sys.stderr)
     print(
-        f"{recorded} recorded in {args.store}/; `mnist-feedback snapshot` makes them a pipeline input", file=sys.stderr
+        f"{recorded} recorded in {store.where}; `mnist-feedback snapshot` makes them a pipeline input", file=sys.stderr
     )
     return 1 if problems or errors else 0
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mnist_pipeline.feedback.store import Record
+from mnist_pipeline.feedback.records import Record
 from mnist_pipeline.params import FeedbackParams
 
 if TYPE_CHECKING:

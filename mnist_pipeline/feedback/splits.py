@@ -16,7 +16,7 @@ from mnist_pipeline.errors import DatasetError
 from mnist_pipeline.fileio import write_bytes, write_json
 
 if TYPE_CHECKING:
-    from mnist_pipeline.feedback.store import Record
+    from mnist_pipeline.feedback.records import Record
 
 
 def arrays(records: list[Record]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,439 +1,353 @@
-"""The live store of users' corrections: append-only segment files, one per writing process.
+"""The live store of users' feedback: a database, SQLite by default, PostgreSQL for a fleet.
 
-    STORE/salt                     32 random bytes: the key of the submitter pseudonyms
-    STORE/segments/<host>-<pid>-<random>.seg   frames, appended by one process only
+    --feedback DIR                    DIR/feedback.sqlite3 (default feedback/), made on first use
+    --feedback postgresql://…         one store that any number of servers on any number of machines share
 
-A frame is `MAGIC | payload length (u32) | crc32 of MAGIC and the length (u32) | crc32 of the
-payload (u32) | payload`, and a payload is `header length (u32) | header JSON | the 28×28 float32
-image | the upload's bytes (at most KEPT_UPLOAD of them)`. The header carries the format version
-`v`; readers ignore fields they do not know, so newer writers do not make older readers call a
-record damaged. (Frames of the first format, `MFB1`, without the length CRC, are still read.)
+Tables (the schema is Alembic's, migrations/): `records` (one row per correction or review, its
+28×28 image and the upload's first KEPT_UPLOAD bytes), `snapshots` (the mark: a row per snapshot
+with its shard and hashes, snapshot.py), `meta` (the pseudonym salt), `buckets` (the rate limit of
+every client, shared by every server of the store) and `usage` (bytes held, a row per writer so
+that writers never wait on one counter).
 
-Every writer appends to a file of its own, so writers never wait for each other, in one
-machine or on several sharing a volume; nothing is ever rewritten. A record is
-acknowledged only after its bytes are written and fdatasync'd. After any failed write or sync
-the writer leaves that segment for a new one, so no later record sits behind a frame that may
-be partial. A process killed in the middle of a write leaves at most one torn frame at the end
-of its own segment. Readers verify each frame's length by its own CRC, and past damage in the
-middle of a file (a torn frame a failed truncate left, a bad sector) they resync at the next
-frame whose length and payload both verify, and report exactly which bytes they skipped.
-
-The salt (the pseudonym key) is written 0600 and fsync'd with its folder before first use; a store
-that holds records but has lost its salt refuses to make a new one, since every pseudonym would
-change (caps, distrust and the user split would silently reset).
-
-The store has a size bound: the sum of the segment files, checked before each append, plus
-a reserve of free disk. Past either, `StoreFull` (HTTP 507): the disk is never filled.
-Concurrent writers may each overshoot the bound by the record they are appending.
-
-Nothing here imports torch or onnxruntime: the server's workers and the CLI both use it.
+An acknowledgement means committed: `append` returns once the transaction holding the records has
+committed durably (SQLite: WAL with `synchronous=FULL`; PostgreSQL: `synchronous_commit=on` for
+these sessions whatever the server's default). `Writer` groups the records of concurrent requests
+into one transaction and answers each only when that transaction is durable. Failures are typed
+for the HTTP layer: a store that is down or locked is `StoreUnavailable` (503), a full store or
+disk `StoreFull` (507), a SQLite file that fails its integrity check `StoreError`, refused for
+writing at open with the problem named. Nothing here imports torch or onnxruntime.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import hmac
-import itertools
 import json
 import os
+import queue
 import secrets
 import shutil
 import socket
-import struct
+import sqlite3
 import threading
 import time
-import zlib
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
+from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_FEEDBACK_MIN_FREE
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.fileio import fsync_dir
+from mnist_pipeline.feedback.records import KEPT_UPLOAD, SIDE, Record, pseudonym
 
-DEFAULT_STORE = Path("feedback")  # the live store, relative to the repository root (ignored by git and DVC)
-MIN_FREE_BYTES = 256 << 20  # the store refuses rather than take the disk's last bytes
-MAGIC_V1, MAGIC = b"MFB1", b"MFB2"
-FRAME_V1 = struct.Struct("<4sII")  # magic, payload length, payload crc
-FRAME = struct.Struct("<4sIII")  # magic, payload length, crc of magic + length, payload crc
-U32 = struct.Struct("<I")
-FORMAT_VERSION = 2
-KEPT_UPLOAD = 256 << 10  # of an upload (up to 4 MiB), a record keeps at most this: the image is what trains
-SIDE = 28
-IMAGE_BYTES = SIDE * SIDE * 4  # float32, as images.prepare returns it
-MAX_HEADER = 64 << 10
-MAX_PAYLOAD = 64 << 20  # a frame claiming more is damage, not a record
-KINDS = ("correction", "review")
-VERDICTS = ("accept", "reject")
-
-
-class StoreFull(PipelineError):
-    """The store is at its size bound, or the disk is nearly full: nothing was written."""
+DEFAULT_STORE = "feedback"  # a folder relative to the repository root (ignored by git and DVC), or a URL
+SQLITE_FILE = "feedback.sqlite3"
+REFUSED = "it is refused for writing; restore it from a backup, or `mnist-feedback export` what it can still read"
+BUSY_MS = 5000  # how long a write waits for another writer's lock before the answer is 503
+MIGRATIONS = Path(__file__).with_name("migrations")
+COLUMNS = (
+    "id",
+    "time",
+    "kind",
+    "submitter",
+    "source",
+    "label",
+    "answer",
+    "probabilities",
+    "model",
+    "upload_type",
+    "upload_size",
+    "target",
+    "verdict",
+    "image",
+    "upload",
+    "bytes",
+)
+INSERT = text(f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})")
+COUNT = text(
+    "INSERT INTO usage (writer, bytes) VALUES (:writer, :bytes) "
+    "ON CONFLICT (writer) DO UPDATE SET bytes = usage.bytes + excluded.bytes"
+)
+# A token bucket as GCRA: `tat` is when the client's bucket is full again; SET sees the old row in both engines.
+TAKE = text("""
+INSERT INTO buckets (client, tat, ok) VALUES (:client, :now + :interval, 1)
+ON CONFLICT (client) DO UPDATE SET
+  ok = CASE WHEN buckets.tat - :now > :tolerance THEN 0 ELSE 1 END,
+  tat = CASE WHEN buckets.tat - :now > :tolerance THEN buckets.tat
+             WHEN buckets.tat > :now THEN buckets.tat + :interval
+             ELSE :now + :interval END
+RETURNING ok, tat""")
 
 
 class StoreError(PipelineError):
-    """A store that cannot be opened or written (permissions, not a store folder)."""
+    """A store that cannot be opened or must not be written (not a store, fails its integrity check)."""
 
 
-@dataclass(frozen=True)
-class Record:
-    """One correction (an image, its label, what the model said) or one review verdict."""
-
-    id: str
-    time: float
-    kind: str  # "correction" | "review"
-    submitter: str  # a pseudonym (salted hash), never an address or a name
-    source: str  # "web" | "cli"
-    label: int = -1  # corrections: the digit the user says it is
-    answer: int = -1  # corrections: the model's top class when it was corrected
-    probabilities: tuple[float, ...] = ()  # corrections: the model's calibrated probabilities
-    model: str = ""  # corrections: sha256 of the exported model file that answered
-    upload_type: str = ""  # the upload's media type as received
-    upload_size: int = 0  # the upload's size in bytes; its bytes are kept only up to KEPT_UPLOAD
-    target: str = ""  # reviews: the id of the correction reviewed
-    verdict: str = ""  # reviews: "accept" | "reject"
-    image: np.ndarray | None = field(default=None, compare=False)  # 28×28 float32 in [0, 1], as prepared
-    upload: bytes = field(default=b"", compare=False, repr=False)
-
-    def header(self) -> dict[str, Any]:
-        keys = ("id", "time", "kind", "submitter", "source")
-        extra = (
-            ("label", "answer", "probabilities", "model", "upload_type", "upload_size")
-            if self.kind == "correction"
-            else ("target", "verdict")
-        )
-        out = {"v": FORMAT_VERSION, **{k: getattr(self, k) for k in keys + extra}}
-        if self.kind == "correction":
-            out["probabilities"] = [round(float(p), 6) for p in self.probabilities]
-        return out
+class StoreFull(StoreError):
+    """The store is at its size bound, or its disk is full: nothing was written (HTTP 507)."""
 
 
-def correction(
-    image: np.ndarray,
-    label: int,
-    probabilities: np.ndarray,
-    model: str,
-    submitter: str,
-    source: str,
-    upload: bytes = b"",
-    upload_type: str = "",
-) -> Record:
-    """A correction as the server and the CLI both record it."""
-    return Record(
-        id=new_id(),
-        time=round(time.time(), 3),
-        kind="correction",
-        submitter=submitter,
-        source=source,
-        label=label,
-        answer=int(np.argmax(probabilities)),
-        probabilities=tuple(float(p) for p in probabilities),
-        model=model,
-        upload_type=upload_type,
-        upload_size=len(upload),
-        image=image,
-        upload=upload if len(upload) <= KEPT_UPLOAD else b"",
+class StoreUnavailable(StoreError):
+    """The database is down, unreachable or locked for longer than the busy timeout (HTTP 503)."""
+
+
+def url_of(where: str | Path) -> str:
+    """The SQLAlchemy URL of `--feedback WHERE`: a folder is a SQLite file in it."""
+    where = str(where)
+    if where.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        return "postgresql+psycopg://" + where.split("://", 1)[1]
+    if "://" in where:
+        raise StoreError(f"{where}: expected a folder (a SQLite store) or a postgresql:// URL")
+    return f"sqlite:///{Path(where).resolve() / SQLITE_FILE}"
+
+
+def shown(url: str) -> str:
+    """`url` without its password, for messages."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ""
+    return parsed.set(drivername="postgresql").render_as_string()
+
+
+def failure(exc: SQLAlchemyError, where: str) -> StoreError:
+    """The typed error of a failed database call."""
+    orig = getattr(exc, "orig", None) or exc
+    code = getattr(orig, "sqlite_errorcode", None)
+    lines = str(orig).strip().splitlines()
+    why = lines[0] if lines else type(orig).__name__
+    if code == sqlite3.SQLITE_FULL or getattr(orig, "sqlstate", None) == "53100":
+        return StoreFull(f"the disk under the feedback store {where} is full ({why})")
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(f"{where} fails its integrity check ({why}): {REFUSED}")
+    if isinstance(exc, OperationalError | InterfaceError) or getattr(exc, "connection_invalidated", False):
+        return StoreUnavailable(f"the feedback store {where} is unavailable ({why}); retry shortly")
+    return StoreError(f"{where}: {why}")
+
+
+def _engine(url: str, durable: bool) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, pool_size=8, max_overflow=8)
+
+        @event.listens_for(engine, "connect")
+        def pragmas(dbapi: Any, _: Any) -> None:
+            dbapi.isolation_level = None  # transactions are begun below, not by the driver
+            for pragma in (
+                f"busy_timeout = {BUSY_MS}",
+                "journal_mode = WAL",
+                f"synchronous = {'FULL' if durable else 'OFF'}",
+                "foreign_keys = ON",
+            ):
+                dbapi.execute(f"PRAGMA {pragma}")
+
+        @event.listens_for(engine, "begin")
+        def begin(conn: Connection) -> None:
+            # A writer takes the lock first, so that it waits (busy_timeout) rather than fail on upgrade.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read") else "BEGIN IMMEDIATE")
+
+        return engine
+    options = f"-c synchronous_commit={'on' if durable else 'off'} -c lock_timeout={BUSY_MS}"
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args={"connect_timeout": 5, "options": options}
     )
 
 
-_SEQUENCE = itertools.count()  # orders one process's ids within a millisecond ("the latest label wins")
+def _upgrade(conn: Connection) -> None:
+    """Bring the schema to the newest revision, inside the caller's transaction (one upgrader at a time)."""
+    from alembic import command
+    from alembic.config import Config
+
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(20261205)")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    command.upgrade(config, "head")
 
 
-def new_id() -> str:
-    """Time-ordered and unique across processes and machines: milliseconds, this process's sequence
-    number, then 40 random bits."""
-    return f"{time.time_ns() // 1_000_000:012x}{next(_SEQUENCE) % 0x10000:04x}{secrets.token_hex(5)}"
+def row(record: Record) -> dict[str, Any]:
+    values = {c: getattr(record, c) for c in COLUMNS[:-3]}
+    values["probabilities"] = json.dumps(record.header().get("probabilities", []))
+    values["image"] = None if record.image is None else record.image.astype("<f4").tobytes()
+    values["upload"] = record.upload[:KEPT_UPLOAD]
+    values["bytes"] = 512 + len(values["image"] or b"") + len(values["upload"])
+    return values
 
 
-def encode(record: Record) -> bytes:
-    header = json.dumps(record.header(), separators=(",", ":"), sort_keys=True).encode()
-    if record.kind == "correction":
-        if record.image is None or record.image.shape != (SIDE, SIDE):
-            raise ValueError("a correction carries the 28×28 prepared image")
-        image = np.ascontiguousarray(record.image, dtype="<f4").tobytes()
-    else:
-        image = b""
-    payload = U32.pack(len(header)) + header + image + record.upload[:KEPT_UPLOAD]
-    return FRAME.pack(MAGIC, len(payload), _length_crc(len(payload)), zlib.crc32(payload)) + payload
+def record_of(values: Any) -> Record:
+    import numpy as np
 
-
-def _length_crc(size: int) -> int:
-    return zlib.crc32(MAGIC + U32.pack(size))
-
-
-FIELDS = frozenset(f.name for f in fields(Record))
-
-
-def decode(payload: bytes) -> Record:
-    (size,) = U32.unpack_from(payload)
-    if size > MAX_HEADER or 4 + size > len(payload):
-        raise ValueError("header length out of range")
-    header = {k: v for k, v in json.loads(payload[4 : 4 + size]).items() if k in FIELDS}  # newer fields ignored
-    if header.get("kind") not in KINDS:
-        raise ValueError(f"unknown record kind {header.get('kind')!r}")
-    rest = payload[4 + size :]
-    if header["kind"] == "correction":
-        if len(rest) < IMAGE_BYTES:
-            raise ValueError("correction without its image")
-        image = np.frombuffer(rest[:IMAGE_BYTES], dtype="<f4").reshape(SIDE, SIDE).astype(np.float32)
-        header["probabilities"] = tuple(header["probabilities"])
-        return Record(**header, image=image, upload=bytes(rest[IMAGE_BYTES:]))
-    return Record(**header)
-
-
-@dataclass
-class ReadResult:
-    records: list[Record]
-    torn: list[str]  # "<file>: <why>" for each file whose last bytes are a torn frame (a writer killed mid-record)
-    skipped: list[str] = field(default_factory=list)  # "<file>: N bytes at offset O (why)": damage mid-file
-
-
-def _frame_at(data: bytes, offset: int) -> tuple[int, bytes] | str:
-    """(end, payload) of the verified frame at `offset`, or why there is none."""
-    if len(data) - offset < FRAME_V1.size:
-        return f"{len(data) - offset} bytes of a torn frame"
-    magic = data[offset : offset + 4]
-    if magic == MAGIC:
-        if len(data) - offset < FRAME.size:
-            return f"{len(data) - offset} bytes of a torn frame"
-        _, size, length_crc, crc = FRAME.unpack_from(data, offset)
-        if length_crc != _length_crc(size):
-            return "damaged frame header"
-        start = offset + FRAME.size
-    elif magic == MAGIC_V1:
-        _, size, crc = FRAME_V1.unpack_from(data, offset)
-        if size > MAX_PAYLOAD:
-            return "damaged frame header"
-        start = offset + FRAME_V1.size
-    else:
-        return "no frame"
-    end = start + size
-    if end > len(data):
-        return f"torn frame ({len(data) - offset} of {end - offset} bytes)"
-    payload = data[start:end]
-    return (end, payload) if zlib.crc32(payload) == crc else "checksum mismatch"
-
-
-def _resync(data: bytes, offset: int) -> int | None:
-    """The offset of the next frame after `offset` whose length and payload both verify."""
-    at = data.find(MAGIC, offset + 1)
-    while at != -1:
-        if not isinstance(_frame_at(data, at), str):
-            return at
-        at = data.find(MAGIC, at + 1)
-    return None
-
-
-@dataclass
-class Scan:
-    records: list[Record]
-    end: int  # where the whole frames end: the start of the torn tail, or the end of the data
-    torn: str | None  # "<name>: <why> at offset O" when the data ends in a torn frame
-    skipped: list[str]  # "<name>: N bytes at offset O (why)": damage in the middle, resynced past
-
-
-def scan(data: bytes, name: str, offset: int = 0) -> Scan:
-    """The whole, verified records of one segment or shard, from `offset` (the start of a frame) on."""
-    records: list[Record] = []
-    skipped: list[str] = []
-    while offset < len(data):
-        found = _frame_at(data, offset)
-        problem = found if isinstance(found, str) else None
-        if not isinstance(found, str):
-            end, payload = found
-            try:
-                records.append(decode(payload))
-                offset = end
-                continue
-            except (ValueError, TypeError, KeyError) as exc:
-                problem = f"unreadable record ({exc})"
-        after = _resync(data, offset)
-        if after is None:
-            return Scan(records, offset, f"{name}: {problem} at offset {offset}", skipped)
-        skipped.append(f"{name}: {after - offset} bytes at offset {offset} ({problem})")
-        offset = after
-    return Scan(records, offset, None, skipped)
-
-
-def read_frames(data: bytes, name: str) -> tuple[list[Record], str | None, list[str]]:
-    """The whole, verified records of one segment or shard; the torn tail, if any; the damage skipped
-    in the middle (each `<name>: N bytes at offset O (why)`)."""
-    found = scan(data, name)
-    return found.records, found.torn, found.skipped
-
-
-def read_files(paths: list[Path]) -> ReadResult:
-    result = ReadResult([], [])
-    for path in paths:
-        records, problem, skipped = read_frames(path.read_bytes(), path.name)
-        result.records += records
-        result.skipped += skipped
-        if problem:
-            result.torn.append(problem)
-    return result
-
-
-def segments(root: Path) -> list[Path]:
-    folder = root / "segments"
-    return sorted(p for p in folder.iterdir() if p.suffix == ".seg") if folder.is_dir() else []
-
-
-def read_store(root: Path) -> ReadResult:
-    """Every whole record in the store, in id order (time, then random)."""
-    result = read_files(segments(root))
-    result.records.sort(key=lambda r: r.id)
-    return result
-
-
-def load_salt(root: Path) -> bytes:
-    """The store's pseudonym key, made once by whichever process comes first (link() is atomic), 0600,
-    and durable (file and folder fsync'd) before anything uses it. A store that already holds records
-    and has lost its salt is refused: a new salt would silently give every submitter a new pseudonym."""
-    path = root / "salt"
-    for _ in range(50):
-        try:
-            salt = path.read_bytes()
-            if len(salt) == 32:
-                return salt
-        except FileNotFoundError:
-            if segments(root) and any(p.stat().st_size for p in segments(root)):
-                raise StoreError(
-                    f"{path} is missing but the store holds records: a new salt would change every pseudonym "
-                    "(rate limits, caps and the user split). Restore the salt from a backup; start a new "
-                    "store only on purpose"
-                ) from None
-        tmp = root / f".salt.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(32))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-            fsync_dir(root)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise StoreError(f"{path}: not a 32-byte salt; remove it only if the store is new")
-
-
-def pseudonym(salt: bytes, kind: str, value: str) -> str:
-    """A stable submitter id that does not reveal `value` (an address, a name) without the salt."""
-    return "s" + hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:15]
+    fields = dict(values._mapping)
+    image = fields.pop("image")
+    fields.pop("bytes", None)
+    fields.pop("snapshot", None)
+    fields["probabilities"] = tuple(json.loads(fields["probabilities"] or "[]"))
+    fields["upload"] = bytes(fields["upload"] or b"")
+    if image is not None:
+        fields["image"] = np.frombuffer(bytes(image), "<f4").reshape(SIDE, SIDE).astype(np.float32)
+    return Record(**fields)
 
 
 class Store:
-    """One process's writer: appends records to its own segment file, durably, within the bound."""
+    """One process's handle on the store: its engines, the salt, the size bound."""
 
-    def __init__(self, root: Path, max_bytes: int, min_free: int = MIN_FREE_BYTES) -> None:
-        self.root, self.max_bytes, self.min_free = Path(root), max_bytes, min_free
+    def __init__(
+        self,
+        where: str | Path = DEFAULT_STORE,
+        max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
+        min_free: int = DEFAULT_FEEDBACK_MIN_FREE,
+        check: bool = True,
+    ) -> None:
+        self.url = url_of(where)
+        self.where = shown(self.url)
+        self.max_bytes, self.min_free = max_bytes, min_free
+        self.folder = Path(where) if self.url.startswith("sqlite") else None
+        self.writer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            (self.root / "segments").mkdir(parents=True, exist_ok=True)
-            self.salt = load_salt(self.root)
+            if self.folder is not None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            self.engine = _engine(self.url, durable=True)
+            # The rate buckets: losing a bucket's last update loses nothing, so it need not wait on the disk.
+            self.fast = _engine(self.url, durable=False) if self.folder is not None else self.engine
+            with self.engine.begin() as conn:
+                if check and self.folder is not None:
+                    problems = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
+                    if problems != ["ok"]:
+                        raise StoreError(f"{self.where} fails its integrity check ({'; '.join(problems)}): {REFUSED}")
+                _upgrade(conn)
+                conn.execute(
+                    text("INSERT INTO meta (key, value) VALUES ('salt', :salt) ON CONFLICT (key) DO NOTHING"),
+                    {"salt": secrets.token_hex(32)},
+                )
+                self.salt = bytes.fromhex(conn.execute(text("SELECT value FROM meta WHERE key = 'salt'")).scalar_one())
         except OSError as exc:
-            raise StoreError(f"{self.root}: cannot use it as a feedback store ({exc.strerror or exc})") from None
-        self._lock = threading.Lock()  # the threads of one process share its segment
-        self._sync_lock = threading.Lock()
-        self._synced: dict[int, int] = {}  # segment fd → bytes known to be on disk
-        self._written: dict[int, int] = {}  # segment fd → end of its last whole frame
-        self._failed: set[int] = set()  # segments whose fdatasync failed: nothing more in them is acknowledged
-        self._retired: list[int] = []  # segments left after an error, closed with the store
-        self._fd: int | None = None
-        self._pid = 0
+            raise StoreError(f"{where}: cannot use it as a feedback store ({exc.strerror or exc})") from None
+        except SQLAlchemyError as exc:
+            raise failure(exc, self.where) from None
+        self._used: int | None = None
 
     def submitter(self, kind: str, value: str) -> str:
         return pseudonym(self.salt, kind, value)
 
+    def read(self) -> Connection:
+        """A connection for reading: in SQLite its transactions take no write lock."""
+        return self.engine.connect().execution_options(read=True)
+
     def used_bytes(self) -> int:
-        total = 0
-        with os.scandir(self.root / "segments") as entries:
-            for entry in entries:
-                if entry.name.endswith(".seg"):
-                    try:
-                        total += entry.stat().st_size
-                    except FileNotFoundError:
-                        pass
-        return total
+        with self.read() as conn:
+            return int(conn.execute(text("SELECT coalesce(sum(bytes), 0) FROM usage")).scalar_one())
 
-    def _segment(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a forked child writes a file of its own
-            name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.seg"
-            folder = self.root / "segments"
-            self._fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o640)
-            # Held while this process may append, before any byte is written: `mnist-feedback retire`
-            # removes only segments that are unlocked and not empty, so never one still being written.
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._pid = os.getpid()
-            self._synced[self._fd] = self._written[self._fd] = 0
-            fsync_dir(folder)  # the new file's name is durable before any record in it is acknowledged
-        return self._fd
-
-    def _retire(self, fd: int) -> None:
-        """Leave a segment after a failed write or sync: later records go to a new one, never behind a
-        frame that may be partial. Its fd stays open until the threads syncing it are done with it."""
-        if self._fd == fd:
-            self._fd = None
-            self._retired.append(fd)
-
-    def append(self, record: Record) -> str:
-        """Write `record` and return its id once it is on disk; StoreFull when over the bound.
-
-        Group commit: the write happens under the lock, the fdatasync outside it, and one
-        fdatasync covers every frame written before it, so threads that append together share it.
-        """
-        frame = encode(record)
-        with self._lock:
+    def append(self, records: Sequence[Record]) -> None:
+        """Insert `records` in one transaction; return once it has committed durably."""
+        rows = [row(r) for r in records]
+        size = sum(r["bytes"] for r in rows)
+        try:
             used = self.used_bytes()
-            if used + len(frame) > self.max_bytes:
-                raise StoreFull(f"the feedback store is full ({used:,} of {self.max_bytes:,} bytes)")
-            if shutil.disk_usage(self.root).free - len(frame) < self.min_free:
-                raise StoreFull(f"the disk under {self.root} has less than {self.min_free:,} bytes free")
-            try:
-                fd = self._segment()
-            except OSError as exc:
-                raise StoreFull(f"cannot open a segment of the feedback store: {exc.strerror or exc}") from None
-            start = self._written[fd]
-            try:
-                view = memoryview(frame)
-                while view:
-                    view = view[os.write(fd, view) :]
-            except OSError as exc:
-                self._retire(fd)
-                try:
-                    os.ftruncate(fd, start)  # best effort: readers resync past a partial frame anyway
-                except OSError:
-                    pass
-                raise StoreFull(f"cannot write to the feedback store: {exc.strerror or exc}") from None
-            end = self._written[fd] = start + len(frame)
-        self._sync(fd, end)
-        return record.id
+            if used + size > self.max_bytes:
+                raise StoreFull(
+                    f"the feedback store is full ({used:,} of {self.max_bytes:,} bytes): "
+                    "`mnist-feedback snapshot` then `retire` frees it"
+                )
+            if self.folder is not None and shutil.disk_usage(self.folder).free - size < self.min_free:
+                raise StoreFull(f"the disk under {self.folder} has less than {self.min_free:,} bytes free")
+            with self.engine.begin() as conn:
+                conn.execute(INSERT, rows)
+                conn.execute(COUNT, {"writer": self.writer_id, "bytes": size})
+        except SQLAlchemyError as exc:
+            raise failure(exc, self.where) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.where}: {exc.strerror or exc}") from None
 
-    def _sync(self, fd: int, end: int) -> None:
-        """Return once the segment is durable up to `end` (an fdatasync by this thread or another)."""
-        with self._sync_lock:
-            if self._synced.get(fd, 0) >= end:
-                return  # a sync that began after this frame was written has covered it
-            if fd in self._failed:  # Linux may report the next fdatasync as a success though pages were lost
-                raise StoreFull("cannot sync the feedback store: an earlier sync of this segment failed")
-            with self._lock:  # whole frames only: a write in progress is not covered by this sync
-                target = self._written[fd]
-            try:
-                os.fdatasync(fd)
-            except OSError as exc:
-                with self._lock:
-                    self._retire(fd)  # after a failed fdatasync the page cache may not match the disk
-                self._failed.add(fd)
-                raise StoreFull(f"cannot sync the feedback store: {exc.strerror or exc}") from None
-            self._synced[fd] = target
+    def wait(self, client: str, now: float, rate: float, burst: int) -> float:
+        """0 and a token taken if `client` may send one more, else the seconds until it may: one bucket per
+        client for every worker and server of this store."""
+        interval = 1.0 / rate
+        params = {
+            "client": self.submitter("client", client),
+            "now": now,
+            "interval": interval,
+            "tolerance": (burst - 1) * interval,
+        }
+        try:
+            with self.fast.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                ok, tat = conn.execute(TAKE, params).one()
+        except SQLAlchemyError as exc:
+            raise failure(exc, self.where) from None
+        return 0.0 if ok else tat - now - params["tolerance"]
+
+    def forget_full_buckets(self, now: float) -> None:
+        """A bucket full again is the same as none: keeps the table at the clients of the last minutes."""
+        with self.fast.begin() as conn:
+            conn.execute(text("DELETE FROM buckets WHERE tat < :now"), {"now": now})
+
+    def get(self, ids: Sequence[str]) -> list[Record]:
+        with self.read() as conn:
+            found = conn.execute(
+                text(f"SELECT {', '.join(COLUMNS)} FROM records WHERE id IN :ids").bindparams(_expanding("ids")),
+                {"ids": list(ids)},
+            )
+            return [record_of(r) for r in found]
 
     def close(self) -> None:
-        with self._lock:
-            for fd in [*self._retired, *([self._fd] if self._fd is not None else [])]:
-                os.close(fd)
-                for marks in (self._synced, self._written):
-                    marks.pop(fd, None)
-            self._fd, self._retired = None, []
+        self.engine.dispose()
+        if self.fast is not self.engine:
+            self.fast.dispose()
+
+
+def _expanding(name: str) -> Any:
+    from sqlalchemy import bindparam
+
+    return bindparam(name, expanding=True)
+
+
+class Writer:
+    """Group commit for a server's worker: the records of concurrent requests go into one transaction,
+    and each request's future resolves only once that transaction has committed (or with its error)."""
+
+    BATCH = 128
+    PRUNE_S = 60.0  # how often the buckets of clients idle long enough to be full again are forgotten
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.pruned = store, time.monotonic()
+        self.queue: queue.SimpleQueue[tuple[Record, Future[None]] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, record: Record) -> Future[None]:
+        done: Future[None] = Future()
+        self.queue.put((record, done))
+        return done
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            batch = [item]
+            while len(batch) < self.BATCH:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                batch.append(more)
+            try:
+                self.store.append([r for r, _ in batch])
+            except Exception as exc:  # noqa: BLE001  every waiter gets the error; the writer goes on
+                for _, done in batch:
+                    done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
+            if time.monotonic() - self.pruned > self.PRUNE_S:
+                self.pruned = time.monotonic()
+                try:
+                    self.store.forget_full_buckets(time.time())
+                except SQLAlchemyError:
+                    pass  # the next batch tells its requests what is wrong; pruning waits for the next minute
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()

@@ -7,8 +7,8 @@
     POST /predict   multipart form, one or more `file` fields → {"digit", "label", "probabilities", "input", …}
                     for one file, a list (one entry per file, bad ones with their own "error") for several
     POST /feedback  (with `--feedback` only) multipart `file` and `label` (0–9) → 201 {"id", "label", "digit"}
-                    once the correction is on disk (docs/feedback.md); 429 past the per-client rate, 507 when
-                    the store is full
+                    once its transaction has committed (docs/feedback.md); 429 past the per-client rate, 503
+                    with Retry-After while the store is down or locked, 507 when it or its disk is full
 
 Starlette gives routing and streaming multipart parsing without FastAPI's request-model layer
 (this API has one form field). Images are prepared by `images.prepare`, exactly as
@@ -34,9 +34,7 @@ import asyncio
 import base64
 import io
 import json
-import math
 import os
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,11 +210,9 @@ class Service:
         collector = self.collector
         assert collector is not None
         client = request.client.host if request.client else "unknown"
-        wait = collector.limit.wait(client, time.monotonic())
-        if wait:
-            response = error(429, f"too many corrections from this client; retry in {math.ceil(wait)} s")
-            response.headers["Retry-After"] = str(math.ceil(wait))
-            return response
+        refused = await collector.admitted(client)
+        if refused is not None:
+            return refused
         parsed = await read_feedback(request, self.settings.max_upload)
         if isinstance(parsed, Response):
             return parsed
@@ -227,8 +223,7 @@ class Service:
         )
         if isinstance(record, Response):
             return record
-        status, body = await loop.run_in_executor(collector.io, collector.append, record)
-        return Response(body, status_code=status, media_type="application/json")
+        return await collector.commit(record)
 
     def routes(self) -> list[Route]:
         routes = [

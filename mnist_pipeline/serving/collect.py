@@ -1,19 +1,16 @@
-"""POST /feedback: users' corrections, read, rate-limited, scored and written to the store.
+"""POST /feedback: users' corrections, read, rate-limited, scored and committed to the store.
 
-One worker's `Collector` holds the store writer, the per-client rate limit (shared by the server's
-workers) and the identity of the model that answered. Reading the form is `uploads.py`'s, as for
-`/predict`; what happens to a correction after it is on disk is docs/feedback.md's.
+One worker's `Collector` holds its handle on the store (whose rate buckets every worker and server
+of the store shares), its group-commit writer and the identity of the model that answered. Reading
+the form is `uploads.py`'s, as for `/predict`; what happens to a correction after it is committed is
+docs/feedback.md's.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import mmap
-import os
-import struct
-import tempfile
-import threading
+import asyncio
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,68 +19,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mnist_pipeline.exported import Model
-from mnist_pipeline.feedback.store import Record, Store, StoreFull, correction
+from mnist_pipeline.feedback.records import Record, correction
+from mnist_pipeline.feedback.store import Store, StoreError, StoreFull, StoreUnavailable, Writer
 from mnist_pipeline.fileio import sha256_file
 from mnist_pipeline.serving.settings import Settings
 from mnist_pipeline.serving.uploads import NO_FILE, Upload, as_upload, bounded_form, compact_json, error, prepared
 
-IO_THREADS = 4  # per worker: appends waiting on fdatasync at once
-
-
-class RateLimit:
-    """A token bucket per client, `rate` a second sustained and `burst` at once, shared by every worker
-    of one server: the buckets live in a file each worker maps (`path`, made by `mnist-serve`; a private
-    one without it), a fixed table of `slots` (the client's hash, its tokens, when), so N workers do not
-    give a client N buckets. One decision holds the file's lock for microseconds. Memory is the table:
-    a new client whose probe window is taken replaces the client idle longest there (forgotten, it
-    starts again from a full bucket)."""
-
-    SLOT = struct.Struct("<Qdd")
-    PROBES = 16
-
-    def __init__(self, rate: float, burst: int, path: Path | None = None, slots: int = 1 << 14) -> None:
-        self.rate, self.burst, self.slots = rate, burst, slots
-        size = slots * self.SLOT.size
-        if path is None:
-            self._file = tempfile.TemporaryFile()
-            fd = self._file.fileno()
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._file = os.fdopen(fd, "r+b")
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)  # zeros: every slot empty
-        self._map = mmap.mmap(fd, size)
-        self._lock = threading.Lock()  # flock excludes other processes; this, the threads of this one
-
-    def _slot(self, key: int, now: float) -> tuple[int, float, float]:
-        """(offset, tokens, when) of `key`'s slot, claimed for it if it had none."""
-        first = key % self.slots
-        oldest: tuple[float, int] | None = None
-        for i in range(self.PROBES):
-            offset = ((first + i) % self.slots) * self.SLOT.size
-            held, tokens, when = self.SLOT.unpack_from(self._map, offset)
-            if held == key:
-                return offset, tokens, when
-            if held == 0:
-                return offset, float(self.burst), now
-            if oldest is None or when < oldest[0]:
-                oldest = (when, offset)
-        assert oldest is not None
-        return oldest[1], float(self.burst), now
-
-    def wait(self, client: str, now: float) -> float:
-        """0 and a token taken if `client` may go on; else the seconds until it may."""
-        key = int.from_bytes(hashlib.blake2b(client.encode(), digest_size=8).digest(), "little") | 1  # never 0
-        with self._lock:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-            try:
-                offset, tokens, when = self._slot(key, now)
-                tokens = min(float(self.burst), tokens + max(0.0, now - when) * self.rate)
-                taken = tokens >= 1
-                self.SLOT.pack_into(self._map, offset, key, tokens - 1 if taken else tokens, now)
-            finally:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        return 0.0 if taken else (1 - tokens) / self.rate
+IO_THREADS = 4  # per worker: rate-limit decisions waiting on the database at once
 
 
 def read_label(value: Any) -> int | str:
@@ -116,18 +58,40 @@ async def read_feedback(request: Request, max_upload: int) -> tuple[Upload, int]
         await form.close()
 
 
+def refusal(exc: StoreError) -> Response:
+    """503 with Retry-After for a store that is down or locked, 507 for a full one, 503 for a damaged one."""
+    status = 507 if isinstance(exc, StoreFull) else 503
+    response = error(status, str(exc))
+    if isinstance(exc, StoreUnavailable):
+        response.headers["Retry-After"] = "1"
+    return response
+
+
 class Collector:
-    """POST /feedback: one worker's store writer, rate limit and model identity."""
+    """POST /feedback: one worker's store handle, group-commit writer and model identity."""
 
     def __init__(self, settings: Settings, model_path: Path) -> None:
         assert settings.feedback is not None
-        self.store = Store(Path(settings.feedback), settings.feedback_max_bytes)
-        limits = Path(settings.feedback_limits) if settings.feedback_limits else None
-        self.limit = RateLimit(settings.feedback_rate, settings.feedback_burst, limits)
+        # The command opened (and checked) the store before the workers: a worker only connects.
+        self.store = Store(settings.feedback, settings.feedback_max_bytes, settings.feedback_min_free, check=False)
+        self.writer = Writer(self.store)
+        self.rate, self.burst = settings.feedback_rate, settings.feedback_burst
         self.model_id = sha256_file(model_path)
-        # fdatasync waits on the disk, not the CPU: a pool of its own keeps the CPU pool preparing
-        # images meanwhile, and threads that append together share one fdatasync (Store.append).
+        # The rate decision waits on the database, not the CPU: a pool of its own keeps the CPU pool busy.
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="feedback-io")
+
+    async def admitted(self, client: str) -> Response | None:
+        """None if `client` may send one more correction now; else the 429 (or the store's refusal)."""
+        loop = asyncio.get_running_loop()
+        try:
+            wait = await loop.run_in_executor(self.io, self.store.wait, client, time.time(), self.rate, self.burst)
+        except StoreError as exc:
+            return refusal(exc)
+        if not wait:
+            return None
+        response = error(429, f"too many corrections from this client; retry in {math.ceil(wait)} s")
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
 
     def scored(self, model: Model, upload: Upload, label: int, client: str, max_pixels: int) -> Record | Response:
         """The correction to record, or the refusal: CPU work, run in the worker's pool."""
@@ -138,10 +102,14 @@ class Collector:
         probs = model.probabilities(digit[None])[0]
         return correction(digit, label, probs, self.model_id, self.store.submitter("client", client), "web", data, kind)
 
-    def append(self, record: Record) -> tuple[int, bytes]:
-        """(status, JSON body) once the record is on disk: waiting on the disk, run in the I/O pool."""
+    async def commit(self, record: Record) -> Response:
+        """201 once the transaction holding `record` has committed durably; else the store's refusal."""
         try:
-            self.store.append(record)
-        except StoreFull as exc:
-            return 507, compact_json({"error": str(exc)})
-        return 201, compact_json({"id": record.id, "label": record.label, "digit": record.answer})
+            await asyncio.wrap_future(self.writer.submit(record))
+        except StoreError as exc:
+            return refusal(exc)
+        return Response(
+            compact_json({"id": record.id, "label": record.label, "digit": record.answer}),
+            status_code=201,
+            media_type="application/json",
+        )

@@ -2,7 +2,8 @@
 
     mnist-serve [--model models/export/model.onnx] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
                 [--workers 1] [--threads CORES] [--max-queue 16]
-                [--feedback [DIR]] [--feedback-rate 1] [--feedback-burst 20] [--feedback-max-mb 1024]
+                [--feedback [DIR|postgresql://…]] [--feedback-rate 1] [--feedback-burst 20]
+                [--feedback-max-mb 1024] [--feedback-reserve-mb 256]
                 [--trust-proxy ADDR ...]
 
 uvicorn with uvloop/httptools is the fast single-process server for an ASGI app, what the
@@ -19,7 +20,6 @@ import ipaddress
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from mnist_pipeline.errors import ModelFileError, PipelineError
 from mnist_pipeline.serving.settings import (
     DEFAULT_FEEDBACK_BURST,
     DEFAULT_FEEDBACK_MAX_BYTES,
+    DEFAULT_FEEDBACK_MIN_FREE,
     DEFAULT_FEEDBACK_RATE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_UPLOAD,
@@ -90,27 +91,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const="feedback",
         default=None,
-        metavar="DIR",
-        help="collect users' corrections (POST /feedback, buttons on the page) into the store DIR "
-        "(default feedback/, what `mnist-feedback snapshot` reads); off without this flag",
+        metavar="STORE",
+        help="collect users' corrections (POST /feedback, buttons on the page) into STORE: a folder for a SQLite "
+        "store (default feedback/, what `mnist-feedback snapshot` reads) or a postgresql:// URL that several servers "
+        "share; off without this flag",
     )
     parser.add_argument(
         "--feedback-rate",
         type=float,
         default=DEFAULT_FEEDBACK_RATE,
-        help=f"per client and worker: corrections a second (default {DEFAULT_FEEDBACK_RATE:g}); more get 429",
+        help=f"per client, for every server of the store: corrections a second (default {DEFAULT_FEEDBACK_RATE:g}); "
+        "more get 429",
     )
     parser.add_argument(
         "--feedback-burst",
         type=int,
         default=DEFAULT_FEEDBACK_BURST,
-        help=f"per client and worker: corrections at once (default {DEFAULT_FEEDBACK_BURST})",
+        help=f"per client, for every server of the store: corrections at once (default {DEFAULT_FEEDBACK_BURST})",
     )
     parser.add_argument(
         "--feedback-max-mb",
         type=float,
         default=DEFAULT_FEEDBACK_MAX_BYTES / 2**20,
         help="the store's size bound in MB; past it, 507 (default 1024)",
+    )
+    parser.add_argument(
+        "--feedback-reserve-mb",
+        type=float,
+        default=DEFAULT_FEEDBACK_MIN_FREE / 2**20,
+        help="a SQLite store's disk keeps this much free; past it, 507 (default 256)",
     )
     parser.add_argument(
         "--trust-proxy",
@@ -146,9 +155,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limits = tempfile.NamedTemporaryFile(prefix="mnist-serve-limits-") if args.feedback else None
     settings = Settings(
-        feedback_limits=limits.name if limits else None,  # removed when this process exits
         max_upload=int(args.max_upload_mb * 2**20),
         threads=args.threads,
         max_queue=args.max_queue,
@@ -156,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         feedback_rate=args.feedback_rate,
         feedback_burst=args.feedback_burst,
         feedback_max_bytes=int(args.feedback_max_mb * 2**20),
+        feedback_min_free=int(args.feedback_reserve_mb * 2**20),
     )
     try:
         if args.feedback:
             from mnist_pipeline.feedback.store import Store
 
-            Store(Path(args.feedback), settings.feedback_max_bytes).close()  # a store it cannot use stops it here
+            # Made, migrated and checked here, once, before any worker: a store it cannot use stops it now.
+            store = Store(args.feedback, settings.feedback_max_bytes, settings.feedback_min_free)
+            store.close()
         if args.workers == 1:
             from mnist_pipeline.serving.app import create_app
 
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
-    collecting = f"; collecting corrections in {args.feedback}/" if args.feedback else ""
+    collecting = f"; collecting corrections in {store.where}" if args.feedback else ""
     print(f"serving {args.model} on http://{shown}:{port}/ (Ctrl-C stops){collecting}", flush=True)
     server: dict[str, Any] = {
         "log_level": "warning",

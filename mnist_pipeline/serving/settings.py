@@ -12,9 +12,22 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_MAX_UPLOAD, DEFAULT_MODEL
+from mnist_pipeline.defaults import (
+    DEFAULT_FEEDBACK_MAX_BYTES,
+    DEFAULT_FEEDBACK_MIN_FREE,
+    DEFAULT_MAX_UPLOAD,
+    DEFAULT_MODEL,
+)
 
-__all__ = ["DEFAULT_FEEDBACK_MAX_BYTES", "DEFAULT_MAX_UPLOAD", "DEFAULT_MODEL", "Settings", "from_env", "to_env"]
+__all__ = [
+    "DEFAULT_FEEDBACK_MAX_BYTES",
+    "DEFAULT_FEEDBACK_MIN_FREE",
+    "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_MODEL",
+    "Settings",
+    "from_env",
+    "to_env",
+]
 DEFAULT_MAX_QUEUE = 16  # requests admitted per worker (parsing, waiting or in the pool); more get 503
 # Decoded pixels per uploaded image. The worst case, an RGBA or palette PNG, peaks near 8 bytes a
 # decoded pixel while it is prepared: 10 MP × 2 threads stays inside a 250 MB worker.
@@ -32,11 +45,11 @@ class Settings:
     threads: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_pixels: int = WEB_MAX_PIXELS
-    feedback: str | None = None  # the store's folder: corrections are collected (POST /feedback); None: off
+    feedback: str | None = None  # the store (a folder or a postgresql:// URL): POST /feedback is on; None: off
     feedback_rate: float = DEFAULT_FEEDBACK_RATE
     feedback_burst: int = DEFAULT_FEEDBACK_BURST
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES
-    feedback_limits: str | None = None  # the rate buckets' file every worker shares (mnist-serve makes it)
+    feedback_min_free: int = DEFAULT_FEEDBACK_MIN_FREE  # a SQLite store refuses past this much free disk
 
 
 def to_env(model_path: Path, settings: Settings) -> str:
