@@ -108,10 +108,11 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
     """A clone at the committed model, `seed` set, its baseline reproduced, then one loop of what `sent` says."""
     repo = common.clone(work, name)
     set_params(repo, seed, defence)
-    salt = repo / "feedback" / "salt"  # one key for every scenario's store, as one project's stores share it:
-    salt.parent.mkdir()  # the same writers are held out in each, so scenarios differ only in what is sent
+    # One key for every scenario's store, as one project's stores share it: the same writers are held out
+    # in each, so scenarios differ only in what is sent.
+    salt = repo.parent / f"{repo.name}.salt"
     salt.write_bytes(SALT)
-    salt.chmod(0o600)
+    sh([str(BIN / "mnist-feedback"), "salt", "--import", str(salt)], repo)
     sh([common.DVC, "repro", "-q"], repo)  # the baseline at this seed (a cache hit at 42)
     before = json.loads((repo / "metrics" / "eval.json").read_text())
     model = repo / "models" / "export" / "model.onnx"

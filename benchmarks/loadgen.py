@@ -8,9 +8,12 @@ times each answer; the run stops after `requests` answers or `seconds`, whicheve
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
+import json
 import re
 import statistics
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -121,3 +124,54 @@ def run_load(url: str, body: bytes, content_type: str, clients: int = 8, request
             "requests_per_second": round(len(results) / elapsed, 1), "statuses": statuses,
             "latency_ms": {"p50": round(statistics.median(latencies), 2), "p90": round(pick(0.90), 2),
                            "p99": round(pick(0.99), 2), "max": round(latencies[-1], 2)}}
+
+
+class Burst:
+    """`clients` threads posting one correction back to back to `/feedback`, each on a keep-alive connection
+    (a new one after an error: a killed worker, a restarted server); every 201's id and every status kept,
+    and how many 503s came without `Retry-After`. For fault runs: `acknowledged` must all be in the store."""
+
+    def __init__(self, url: str, body: bytes, content_type: str, clients: int = 4) -> None:
+        self.parts, self.body, self.content_type = urlsplit(url), body, content_type
+        self.acknowledged: list[str] = []
+        self.statuses: list[int] = []
+        self.errors = self.retry_after_missing = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def retarget(self, url: str) -> None:
+        self.parts = urlsplit(url)
+
+    def _client(self) -> None:
+        conn = None
+        while not self.stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=30)
+                conn.request("POST", "/feedback", self.body, {"Content-Type": self.content_type})
+                response = conn.getresponse()
+                answer = response.read()
+            except (OSError, http.client.HTTPException):
+                conn = None
+                self.errors += 1
+                time.sleep(0.01)
+                continue
+            self.statuses.append(response.status)
+            if response.status == 201:
+                self.acknowledged.append(json.loads(answer)["id"])
+            elif response.status == 503 and not response.getheader("Retry-After"):
+                self.retry_after_missing += 1
+
+    def wait_for(self, acknowledged: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < acknowledged and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if len(self.acknowledged) < acknowledged:
+            raise TimeoutError(f"{len(self.acknowledged)} of {acknowledged} acknowledged; last {self.statuses[-5:]}")
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)

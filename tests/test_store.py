@@ -232,6 +232,18 @@ def test_migrate_reads_every_readable_record_once_and_says_what_it_could_not(tmp
     assert len(exported(tmp_path / "new")) == 7
 
 
+def test_stores_of_one_project_share_their_salt_and_a_store_with_records_keeps_its_own(tmp_path, capsys):
+    first = Store(tmp_path / "a")
+    first.append([record(0)])
+    assert cli.main(["--store", str(tmp_path / "a"), "salt", "--export", str(tmp_path / "key")]) == 0
+    assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600 and (tmp_path / "key").read_bytes() == first.salt
+    assert cli.main(["--store", str(tmp_path / "b"), "salt", "--import", str(tmp_path / "key")]) == 0
+    assert Store(tmp_path / "b").submitter("name", "ann") == first.submitter("name", "ann")
+    (tmp_path / "other").write_bytes(os.urandom(32))
+    assert cli.main(["--store", str(tmp_path / "a"), "salt", "--import", str(tmp_path / "other")]) == 2
+    assert "already holds records" in capsys.readouterr().err and Store(tmp_path / "a").salt == first.salt
+
+
 def test_status_counts_from_sql(tmp_path, capsys):
     store = Store(tmp_path / "s")
     store.append([record(i) for i in range(4)] + [record(4, "s2")])
@@ -292,45 +304,8 @@ def test_retire_deletes_only_what_dvc_tracks_and_the_remote_holds(tmp_path):
 # ---------------------------------------------------------------- real servers under faults
 
 
-class Burst:
-    """Clients posting corrections until stopped, each on its own keep-alive connection; every 201's id kept."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.acknowledged, self.statuses = urlsplit(url), [], []
-        self.retry_after_missing = 0
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _client(self) -> None:
-        conn = None
-        while not self.stop.is_set():
-            try:
-                conn = conn or http.client.HTTPConnection(self.url.hostname, self.url.port, timeout=30)
-                conn.request("POST", "/feedback", BODY, {"Content-Type": KIND})
-                response = conn.getresponse()
-                body = response.read()
-            except (OSError, http.client.HTTPException):
-                conn = None  # the worker died under it: a new connection, to whichever worker is there
-                time.sleep(0.01)
-                continue
-            self.statuses.append(response.status)
-            if response.status == 201:
-                self.acknowledged.append(json.loads(body)["id"])
-            elif response.status == 503 and not response.getheader("Retry-After"):
-                self.retry_after_missing += 1
-
-    def wait_for(self, acknowledged: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acknowledged) < acknowledged and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(self.acknowledged) >= acknowledged, (len(self.acknowledged), self.statuses[-5:])
-
-    def end(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
+def Burst(url: str, clients: int = 4) -> loadgen.Burst:  # noqa: N802
+    return loadgen.Burst(url, BODY, KIND, clients)
 
 
 def start_server(model: Path, store: str, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -8,6 +8,7 @@
     mnist-feedback retire                                      delete from the store what DVC-tracked shards hold
     mnist-feedback export [--format jsonl|csv]                 one line per record, for pandas, SQL and operators
     mnist-feedback migrate DIR                                 a segment store (before the database) → this store
+    mnist-feedback salt --export FILE | --import FILE          one pseudonym key for the stores of one project
 
 Run from the repository root, no paths are needed: the live store is feedback/feedback.sqlite3 (as
 `mnist-serve --feedback` writes it; `--store postgresql://…` for a shared one), the shards
@@ -189,6 +190,25 @@ def export(store: Store, form: str, out: IO[str]) -> int:
     return count
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """`data` to `path`, readable by its owner only, whole or not at all."""
+    import os
+    import tempfile
+
+    from mnist_pipeline.fileio import fsync_dir
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def migrate(store: Store, old: Path) -> list[str]:
     """Every readable record of a segment store (OLD/segments/*.seg, before the database) into `store`, once
     by id, with OLD's salt, so that pseudonyms go on; what could not be read, each a line."""
@@ -196,16 +216,11 @@ def migrate(store: Store, old: Path) -> list[str]:
     if not segments:
         raise PipelineError(f"{old}: no segments/*.seg: not a segment store")
     salt = (old / "salt").read_bytes() if (old / "salt").is_file() else None
+    if salt is not None:
+        store.set_salt(salt)  # the pseudonyms go on as they were
     found = read_files(segments)
     try:
         with store.engine.begin() as conn:
-            if salt is not None and salt != store.salt:
-                if conn.execute(text("SELECT count(*) FROM records")).scalar_one():
-                    raise PipelineError(
-                        f"{store.where} already holds records under another salt than {old}/salt: "
-                        "migrate into a new store, so that pseudonyms stay the same"
-                    )
-                conn.execute(text("UPDATE meta SET value = :v WHERE key = 'salt'"), {"v": salt.hex()})
             have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
             new = {r.id: r for r in found.records if r.id not in have}
             rows = [row(r) for r in new.values()]
@@ -311,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     mig = sub.add_parser("migrate", help="read a segment store (before the database) into this store")
     mig.add_argument("source", type=Path)
+    salt = sub.add_parser("salt", help="share the pseudonym key between stores of one project")
+    way = salt.add_mutually_exclusive_group(required=True)
+    way.add_argument("--export", type=Path, metavar="FILE", help="write this store's salt to FILE (0600)")
+    way.add_argument("--import", dest="load", type=Path, metavar="FILE", help="key this new store with FILE's salt")
     rev = sub.add_parser("review", help="accept or reject quarantined corrections")
     rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
     rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
@@ -328,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             print(f"{export(store, args.format, sys.stdout)} records", file=sys.stderr)
+            return 0
+        if args.command == "salt":
+            if args.export:
+                write_secret(args.export, store.salt)
+                print(f"{store.where}: its salt is in {args.export}; keep it secret (it unmasks pseudonyms)")
+            else:
+                store.set_salt(args.load.read_bytes())
+                print(f"{store.where}: keyed by the salt in {args.load}")
             return 0
         if args.command == "migrate":
             lines = migrate(store, args.source)

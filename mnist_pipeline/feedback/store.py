@@ -230,6 +230,25 @@ class Store:
     def submitter(self, kind: str, value: str) -> str:
         return pseudonym(self.salt, kind, value)
 
+    def set_salt(self, salt: bytes) -> None:
+        """Key this store's pseudonyms with another store's salt, so that one person is one submitter in both;
+        refused once it holds records under its own (every pseudonym would change: caps, distrust, user split)."""
+        if len(salt) != 32:
+            raise StoreError(f"a salt is 32 bytes, not {len(salt)}")
+        if salt == self.salt:
+            return
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(text("SELECT count(*) FROM records")).scalar_one():
+                    raise StoreError(
+                        f"{self.where} already holds records keyed by its own salt: give a new store "
+                        "the other's salt before its first record"
+                    )
+                conn.execute(text("UPDATE meta SET value = :v WHERE key = 'salt'"), {"v": salt.hex()})
+        except SQLAlchemyError as exc:
+            raise failure(exc, self.where) from None
+        self.salt = salt
+
     def read(self) -> Connection:
         """A connection for reading: in SQLite its transactions take no write lock."""
         return self.engine.connect().execution_options(read=True)
