@@ -14,8 +14,11 @@
   with `/healthz` timed by a second `ab` meanwhile, one request at a time: its p99, and the
   worker's peak memory;
 - `POST /feedback` (with `--feedback`, the same upload and a label) against `/predict` on the same
-  2-worker server, alternated over ROUNDS rounds: requests/s, latency, peak memory; every 201 is a
-  record fdatasync'd to a fresh store (docs/feedback.md);
+  2-worker server, alternated over ROUNDS rounds, with a fresh SQLite store and with a fresh database
+  on a real PostgreSQL server on this machine (scripts/postgres.py): requests/s, latency, peak memory;
+  every 201 is a committed transaction (docs/feedback.md);
+- the fleet: two 1-worker servers sharing one PostgreSQL store, each under its own `ab` at once,
+  against one 1-worker server on such a store alone, alternated over ROUNDS rounds;
 - where a request's CPU goes: each step of one request timed in this process (multipart parsing,
   decoding, preparation, inference, the answer's PNG and JSON), median of repeats.
 """
@@ -102,9 +105,12 @@ def throughput(model: Path, body: Path, kind: str, workers: int) -> dict:
         stop(proc)
 
 
-def feedback_throughput(model: Path, store: Path, body: Path, kind: str, predict_body: Path, predict_kind: str) -> dict:
+UNLIMITED = ("--feedback-rate", "1000000", "--feedback-burst", "1000000")
+
+
+def feedback_throughput(model: Path, store: str, body: Path, kind: str, predict_body: Path, predict_kind: str) -> dict:
     """`POST /feedback` against `/predict` on one 2-worker server with `--feedback`, in the same round."""
-    proc, url = start(model, 2, "--feedback", str(store), "--feedback-rate", "1000000", "--feedback-burst", "1000000")
+    proc, url = start(model, 2, "--feedback", store, *UNLIMITED)
     try:
         args = ("-k", "-c", str(CLIENTS))
         ab(url + "/feedback", *args, "-n", "500", body=body, kind=kind)  # warm-up
@@ -117,6 +123,37 @@ def feedback_throughput(model: Path, store: Path, body: Path, kind: str, predict
     result["feedback_share_of_predict"] = round(result["feedback"]["requests_per_second"]
                                                 / result["predict"]["requests_per_second"], 3)
     return result
+
+
+def fleet(model: Path, stores: list[str], body: Path, kind: str) -> dict:
+    """/feedback on one 1-worker server alone, then on two 1-worker servers sharing one store, each under its own
+    `ab` at the same time: requests/s of each and their sum."""
+    import concurrent.futures
+
+    out = {}
+    for name, urls in (("one_server", stores[:1]), ("two_servers", [stores[1], stores[1]])):
+        procs = [start(model, 1, "--feedback", store, *UNLIMITED) for store in urls]
+        try:
+            for _, url in procs:
+                ab(url + "/feedback", "-k", "-c", str(CLIENTS), "-n", "300", body=body, kind=kind)  # warm-up
+            with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+                runs = list(pool.map(lambda u: ab(u + "/feedback", "-k", "-c", str(CLIENTS), "-n", str(REQUESTS),
+                                                  body=body, kind=kind), [url for _, url in procs]))
+        finally:
+            for proc, _ in procs:
+                stop(proc)
+        out[name] = {"runs": runs, "requests_per_second": round(sum(r["requests_per_second"] for r in runs), 1)}
+    out["two_over_one"] = round(out["two_servers"]["requests_per_second"] / out["one_server"]["requests_per_second"], 3)
+    return out
+
+
+def postgres():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("postgres", common.ROOT / "scripts" / "postgres.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.postgres()
 
 
 def stall(model: Path, folder: Path) -> dict:
@@ -203,14 +240,25 @@ def main() -> None:
         for workers, runs in results["rounds"].items():
             results[f"median_round_{workers}_worker"] = sorted(runs, key=lambda r: r["requests_per_second"])[len(runs) // 2]
         feedback, feedback_kind = loadgen.multipart([("file", "digit.png", "image/png", upload)], {"label": "7"})
-        (Path(tmp) / "feedback.bin").write_bytes(feedback)
-        rounds = []
-        for i in range(ROUNDS):
-            rounds.append(feedback_throughput(
-                model, Path(tmp) / f"store{i}", Path(tmp) / "feedback.bin", feedback_kind, Path(tmp) / "body.bin", kind))
-            print(f"/feedback round {i + 1}: {rounds[-1]}")
-        results["feedback"] = {"rounds": rounds, "median_round": sorted(
-            rounds, key=lambda r: r["feedback"]["requests_per_second"])[len(rounds) // 2]}
+        feedback_body = Path(tmp) / "feedback.bin"
+        feedback_body.write_bytes(feedback)
+        rounds: dict[str, list] = {"sqlite": [], "postgresql": []}
+        fleets = []
+        with postgres() as pg:
+            for i in range(ROUNDS):
+                for engine, store in (("sqlite", str(Path(tmp) / f"store{i}")), ("postgresql", pg.database(f"s{i}"))):
+                    rounds[engine].append(feedback_throughput(
+                        model, store, feedback_body, feedback_kind, Path(tmp) / "body.bin", kind))
+                    print(f"/feedback on {engine}, round {i + 1}: {rounds[engine][-1]}")
+                fleets.append(fleet(model, [pg.database(f"one{i}"), pg.database(f"two{i}")], feedback_body,
+                                    feedback_kind))
+                print(f"fleet round {i + 1}: {fleets[-1]}")
+            results["postgresql_version"] = pg.sql("SHOW server_version")
+        for engine, runs in rounds.items():
+            results["feedback" if engine == "sqlite" else f"feedback_{engine}"] = {"rounds": runs, "median_round": sorted(
+                runs, key=lambda r: r["feedback"]["requests_per_second"])[len(runs) // 2]}
+        results["fleet"] = {"rounds": fleets,
+                            "median_round": sorted(fleets, key=lambda r: r["two_over_one"])[len(fleets) // 2]}
         results["stall"] = stall(model, Path(tmp))
         print(f"stall: {results['stall']}")
     results["cpu_us_per_request"] = cpu_breakdown(model, upload)

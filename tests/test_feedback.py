@@ -22,7 +22,7 @@ import pytest
 from helpers import BIN, ROOT, chromium, draw_strokes, loadgen, needs_chromium, served, stored, wait_answers
 from mnist_pipeline.feedback import curate
 from mnist_pipeline.feedback.records import Record, correction
-from mnist_pipeline.feedback.store import Store, StoreFull
+from mnist_pipeline.feedback.store import Buckets, Store, StoreFull
 from mnist_pipeline.params import FeedbackParams, load_params
 
 GOOD = loadgen.digit_png(140, 110)
@@ -152,9 +152,9 @@ def test_the_rate_buckets_are_shared_through_the_store(tmp_path):
     # A token comes back every 1/rate seconds, and the wait says when.
     assert first.wait("203.0.113.3", 0.0, 1.0, 1) == 0.0 and first.wait("203.0.113.3", 0.25, 1.0, 1) == 0.75
     assert first.wait("203.0.113.3", 1.0, 1.0, 1) == 0.0
-    first.forget_full_buckets(10_000.0)  # every bucket is full again by then: the table empties
-    with first.read() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM buckets").scalar_one() == 0
+    small = Buckets(tmp_path / "small", slots=8)  # bounded: past its slots, the bucket full longest is forgotten
+    assert all(small.wait(f"s{i:015x}", float(i), 1.0, 0.0) == 0.0 for i in range(100))
+    assert (tmp_path / "small").stat().st_size == 8 * Buckets.SLOT.size
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ def migrate(store: Store, old: Path) -> list[str]:
         store.set_salt(salt)  # the pseudonyms go on as they were
     found = read_files(segments)
     try:
-        with store.engine.begin() as conn:
+        with store.writing() as conn:
             have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
             new = {r.id: r for r in found.records if r.id not in have}
             rows = [row(r) for r in new.values()]

@@ -56,7 +56,7 @@ def _write(store: Store, folder: Path, snapshot: int) -> tuple[Path, int]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"shard-{records[0].id}-{hashlib.sha256(data).hexdigest()[:12]}.rec"
     write_bytes(path, data)
-    with store.engine.begin() as conn:
+    with store.writing() as conn:
         conn.execute(
             text(
                 "UPDATE snapshots SET state = 'written', shard = :shard, sha256 = :sha, md5 = :md5 "
@@ -76,7 +76,7 @@ def take(store: Store, folder: Path) -> Snapshot:
     """Write what is new as one shard (and any shard a crashed snapshot left unwritten); nothing when
     nothing is new."""
     try:
-        with store.engine.begin() as conn:
+        with store.writing() as conn:
             pending = [r[0] for r in conn.execute(text("SELECT id FROM snapshots WHERE state = 'claimed' ORDER BY id"))]
             sid = conn.execute(
                 text("INSERT INTO snapshots (time, state, records) VALUES (:t, 'claimed', 0) RETURNING id"),
@@ -158,7 +158,7 @@ def retire(store: Store, folder: Path) -> Retired:
             if missing is not None and shard in missing:
                 kept.append(f"{shard}: not on the DVC remote yet (`dvc push`)")
                 continue
-            with store.engine.begin() as conn:
+            with store.writing() as conn:
                 freed = conn.execute(
                     text("SELECT coalesce(sum(bytes), 0) FROM records WHERE snapshot = :s"), {"s": sid}
                 ).scalar_one()

@@ -5,9 +5,10 @@
 
 Tables (the schema is Alembic's, migrations/): `records` (one row per correction or review, its
 28×28 image and the upload's first KEPT_UPLOAD bytes), `snapshots` (the mark: a row per snapshot
-with its shard and hashes, snapshot.py), `meta` (the pseudonym salt), `buckets` (the rate limit of
-every client, shared by every server of the store) and `usage` (bytes held, a row per writer so
-that writers never wait on one counter).
+with its shard and hashes, snapshot.py), `meta` (the pseudonym salt) and `usage` (bytes held, a row
+per writer so that writers never wait on one counter). Beside them, `buckets`: the rate limit of
+every client, shared by every server of the store, disposable and so not migrated (with SQLite, a
+table mapped from a file beside it, so that a bucket never waits on a commit's fsync).
 
 An acknowledgement means committed: `append` returns once the transaction holding the records has
 committed durably (SQLite: WAL with `synchronous=FULL`; PostgreSQL: `synchronous_commit=on` for
@@ -20,16 +21,21 @@ writing at open with the problem named. Nothing here imports torch or onnxruntim
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
+import mmap
 import os
 import queue
 import secrets
 import shutil
 import socket
 import sqlite3
+import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,9 @@ from mnist_pipeline.feedback.records import KEPT_UPLOAD, SIDE, Record, pseudonym
 
 DEFAULT_STORE = "feedback"  # a folder relative to the repository root (ignored by git and DVC), or a URL
 SQLITE_FILE = "feedback.sqlite3"
+SQLITE_BUCKETS = "buckets"  # SQLite: the rate buckets, a table every process of the machine maps (Buckets)
+COUNTED_S = 0.5  # how often a writer reads what the store holds, for its bound
+SQLITE_LOCK = "write.lock"  # SQLite: writers queue on this flock, woken at once (SQLite's busy handler sleeps)
 REFUSED = "it is refused for writing; restore it from a backup, or `mnist-feedback export` what it can still read"
 BUSY_MS = 5000  # how long a write waits for another writer's lock before the answer is 503
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -69,6 +78,11 @@ INSERT = text(f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join(':
 COUNT = text(
     "INSERT INTO usage (writer, bytes) VALUES (:writer, :bytes) "
     "ON CONFLICT (writer) DO UPDATE SET bytes = usage.bytes + excluded.bytes"
+)
+# Not a migrated table: a bucket is disposable (losing one gives a client a full burst), so a new schema can
+# drop and remake it. A SQLite store keeps its buckets in a mapped file instead (Buckets).
+BUCKETS = text(
+    "CREATE TABLE IF NOT EXISTS buckets (client VARCHAR(64) PRIMARY KEY, tat FLOAT NOT NULL, ok INTEGER NOT NULL)"
 )
 # A token bucket as GCRA: `tat` is when the client's bucket is full again; SET sees the old row in both engines.
 TAKE = text("""
@@ -127,6 +141,8 @@ def failure(exc: SQLAlchemyError, where: str) -> StoreError:
 
 
 def _engine(url: str, durable: bool) -> Engine:
+    """Durable: transactions, each commit waits for the disk. Not durable (the rate buckets): each statement is
+    its own transaction, and its commit does not wait for the disk."""
     if url.startswith("sqlite"):
         engine = create_engine(url, pool_size=8, max_overflow=8)
 
@@ -141,6 +157,9 @@ def _engine(url: str, durable: bool) -> Engine:
             ):
                 dbapi.execute(f"PRAGMA {pragma}")
 
+        if not durable:
+            return engine.execution_options(isolation_level="AUTOCOMMIT")
+
         @event.listens_for(engine, "begin")
         def begin(conn: Connection) -> None:
             # A writer takes the lock first, so that it waits (busy_timeout) rather than fail on upgrade.
@@ -148,9 +167,10 @@ def _engine(url: str, durable: bool) -> Engine:
 
         return engine
     options = f"-c synchronous_commit={'on' if durable else 'off'} -c lock_timeout={BUSY_MS}"
-    return create_engine(
+    engine = create_engine(
         url, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args={"connect_timeout": 5, "options": options}
     )
+    return engine if durable else engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _upgrade(conn: Connection) -> None:
@@ -209,8 +229,14 @@ class Store:
                 self.folder.mkdir(parents=True, exist_ok=True)
             self.engine = _engine(self.url, durable=True)
             # The rate buckets: losing a bucket's last update loses nothing, so it need not wait on the disk.
-            self.fast = _engine(self.url, durable=False) if self.folder is not None else self.engine
-            with self.engine.begin() as conn:
+            self.buckets, self.fast = None, None
+            if self.folder is not None:
+                self.buckets = Buckets(self.folder / SQLITE_BUCKETS)
+            else:
+                self.fast = _engine(self.url, durable=False)
+                with self.fast.connect() as conn:
+                    conn.execute(BUCKETS)
+            with self.writing() as conn:
                 if check and self.folder is not None:
                     problems = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
                     if problems != ["ok"]:
@@ -225,7 +251,7 @@ class Store:
             raise StoreError(f"{where}: cannot use it as a feedback store ({exc.strerror or exc})") from None
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
-        self._used: int | None = None
+        self._used, self._counted = 0, -1e9
 
     def submitter(self, kind: str, value: str) -> str:
         return pseudonym(self.salt, kind, value)
@@ -238,7 +264,7 @@ class Store:
         if salt == self.salt:
             return
         try:
-            with self.engine.begin() as conn:
+            with self.writing() as conn:
                 if conn.execute(text("SELECT count(*) FROM records")).scalar_one():
                     raise StoreError(
                         f"{self.where} already holds records keyed by its own salt: give a new store "
@@ -249,6 +275,22 @@ class Store:
             raise failure(exc, self.where) from None
         self.salt = salt
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A write transaction, committed when the block ends. SQLite writers of this machine queue on a flock
+        first: the kernel wakes the next at once, where SQLite's own busy handler polls with sleeps."""
+        if self.folder is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        fd = os.open(self.folder / SQLITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self.engine.begin() as conn:
+                yield conn
+        finally:
+            os.close(fd)
+
     def read(self) -> Connection:
         """A connection for reading: in SQLite its transactions take no write lock."""
         return self.engine.connect().execution_options(read=True)
@@ -257,22 +299,34 @@ class Store:
         with self.read() as conn:
             return int(conn.execute(text("SELECT coalesce(sum(bytes), 0) FROM usage")).scalar_one())
 
+    def _room(self, size: int) -> None:
+        """StoreFull past the bound. What the store holds is read at most every COUNTED_S and this process's own
+        records added in between, so concurrent writers can overshoot by what they write within that time."""
+        if time.monotonic() - self._counted > COUNTED_S:
+            self._used, self._counted = self.used_bytes(), time.monotonic()
+        if self._used + size > self.max_bytes:
+            raise StoreFull(
+                f"the feedback store is full ({self._used:,} of {self.max_bytes:,} bytes): "
+                "`mnist-feedback snapshot` then `retire` frees it"
+            )
+        if self.folder is not None and shutil.disk_usage(self.folder).free - size < self.min_free:
+            raise StoreFull(f"the disk under {self.folder} has less than {self.min_free:,} bytes free")
+
     def append(self, records: Sequence[Record]) -> None:
         """Insert `records` in one transaction; return once it has committed durably."""
-        rows = [row(r) for r in records]
-        size = sum(r["bytes"] for r in rows)
+        self.insert([row(r) for r in records])
+
+    def insert(self, rows: list[dict[str, Any]], more: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        """`append` for rows made beforehand (`row`), and those `more()` gives once the write lock is held (what
+        arrived meanwhile): the least work while other writers wait."""
         try:
-            used = self.used_bytes()
-            if used + size > self.max_bytes:
-                raise StoreFull(
-                    f"the feedback store is full ({used:,} of {self.max_bytes:,} bytes): "
-                    "`mnist-feedback snapshot` then `retire` frees it"
-                )
-            if self.folder is not None and shutil.disk_usage(self.folder).free - size < self.min_free:
-                raise StoreFull(f"the disk under {self.folder} has less than {self.min_free:,} bytes free")
-            with self.engine.begin() as conn:
+            with self.writing() as conn:
+                rows = rows + (more() if more else [])
+                size = sum(r["bytes"] for r in rows)
+                self._room(size)
                 conn.execute(INSERT, rows)
                 conn.execute(COUNT, {"writer": self.writer_id, "bytes": size})
+            self._used += size
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
         except OSError as exc:
@@ -280,27 +334,27 @@ class Store:
 
     def wait(self, client: str, now: float, rate: float, burst: int) -> float:
         """0 and a token taken if `client` may send one more, else the seconds until it may: one bucket per
-        client for every worker and server of this store."""
-        interval = 1.0 / rate
-        params = {
-            "client": self.submitter("client", client),
-            "now": now,
-            "interval": interval,
-            "tolerance": (burst - 1) * interval,
-        }
+        client for every worker and server of this store (a token bucket as GCRA: a bucket is the time it is
+        full again)."""
+        key, interval = self.submitter("client", client), 1.0 / rate
+        tolerance = (burst - 1) * interval
+        if self.buckets is not None:
+            return self.buckets.wait(key, now, interval, tolerance)
+        assert self.fast is not None
         try:
-            with self.fast.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                ok, tat = conn.execute(TAKE, params).one()
+            with self.fast.connect() as conn:
+                ok, tat = conn.execute(
+                    TAKE, {"client": key, "now": now, "interval": interval, "tolerance": tolerance}
+                ).one()
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
-        return 0.0 if ok else tat - now - params["tolerance"]
+        return 0.0 if ok else tat - now - tolerance
 
     def forget_full_buckets(self, now: float) -> None:
         """A bucket full again is the same as none: keeps the table at the clients of the last minutes."""
-        with self.fast.begin() as conn:
-            conn.execute(text("DELETE FROM buckets WHERE tat < :now"), {"now": now})
+        if self.fast is not None:
+            with self.fast.connect() as conn:
+                conn.execute(text("DELETE FROM buckets WHERE tat < :now"), {"now": now})
 
     def get(self, ids: Sequence[str]) -> list[Record]:
         with self.read() as conn:
@@ -312,8 +366,51 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-        if self.fast is not self.engine:
+        if self.fast is not None:
             self.fast.dispose()
+
+
+class Buckets:
+    """A SQLite store's rate buckets: a table of `slots` (the client's hash, the time its bucket is full again)
+    in a file beside the database that every process of this machine maps. A decision holds the file's lock for
+    microseconds, where a row in SQLite would queue behind every commit's fsync. A new client whose probe window
+    is taken replaces the one whose bucket has been full longest (forgotten, it starts from a full bucket)."""
+
+    SLOT = struct.Struct("<Qd")
+    PROBES = 16
+
+    def __init__(self, path: Path, slots: int = 1 << 14) -> None:
+        self.slots, size = slots, slots * self.SLOT.size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "r+b")
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)  # zeros: every slot empty
+        self._map = mmap.mmap(fd, size)
+        self._lock = threading.Lock()  # flock excludes other processes; this, the threads of this one
+
+    def wait(self, client: str, now: float, interval: float, tolerance: float) -> float:
+        key = int(client[1:], 16) | 1  # a pseudonym's hex digits; never 0, the empty slot
+        with self._lock:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                first, oldest = key % self.slots, None
+                for i in range(self.PROBES):
+                    offset = ((first + i) % self.slots) * self.SLOT.size
+                    held, tat = self.SLOT.unpack_from(self._map, offset)
+                    if held in (key, 0):
+                        break
+                    if oldest is None or tat < oldest[0]:
+                        oldest = (tat, offset)
+                else:
+                    assert oldest is not None
+                    offset, tat = oldest[1], 0.0
+                tat = max(tat if held == key else 0.0, now)
+                if tat - now > tolerance:
+                    return tat - now - tolerance
+                self.SLOT.pack_into(self._map, offset, key, tat + interval)
+                return 0.0
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
 
 def _expanding(name: str) -> Any:
@@ -331,34 +428,40 @@ class Writer:
 
     def __init__(self, store: Store) -> None:
         self.store, self.pruned = store, time.monotonic()
-        self.queue: queue.SimpleQueue[tuple[Record, Future[None]] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[dict[str, Any], Future[None]] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
         self.thread.start()
 
     def submit(self, record: Record) -> Future[None]:
         done: Future[None] = Future()
-        self.queue.put((record, done))
+        self.queue.put((row(record), done))
         return done
+
+    def _more(self, pending: dict[str, Future[None]]) -> list[dict[str, Any]]:
+        """What arrived while the first record waited for the write lock: it goes into the same transaction."""
+        extra: list[dict[str, Any]] = []
+        while len(pending) < self.BATCH:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self.queue.put(None)
+                break
+            extra.append(item[0])
+            pending[item[0]["id"]] = item[1]
+        return extra
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            batch = [item]
-            while len(batch) < self.BATCH:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.queue.put(None)
-                    break
-                batch.append(more)
+            pending = {item[0]["id"]: item[1]}
             try:
-                self.store.append([r for r, _ in batch])
+                self.store.insert([item[0]], functools.partial(self._more, pending))
             except Exception as exc:  # noqa: BLE001  every waiter gets the error; the writer goes on
-                for _, done in batch:
+                for done in pending.values():
                     done.set_exception(exc)
             else:
-                for _, done in batch:
+                for done in pending.values():
                     done.set_result(None)
             if time.monotonic() - self.pruned > self.PRUNE_S:
                 self.pruned = time.monotonic()

@@ -1,4 +1,4 @@
-"""The first schema: records, snapshots (the mark), meta (the salt), buckets (rate limits), usage (bytes held).
+"""The first schema: records, snapshots (the mark), meta (the salt), usage (bytes held).
 
 Revision ID: 0001
 """
@@ -51,12 +51,6 @@ def upgrade() -> None:
     op.create_index("records_new", "records", ["id"], sqlite_where=unsnapshotted, postgresql_where=unsnapshotted)
     op.create_index("records_snapshot", "records", ["snapshot"])
     op.create_table(
-        "buckets",
-        sa.Column("client", sa.String(64), primary_key=True),
-        sa.Column("tat", sa.Float, nullable=False),
-        sa.Column("ok", sa.Integer, nullable=False),
-    )
-    op.create_table(
         "usage",
         sa.Column("writer", sa.String(128), primary_key=True),
         sa.Column("bytes", sa.BigInteger, nullable=False),
@@ -64,5 +58,5 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("usage", "buckets", "records", "snapshots", "meta"):
+    for table in ("usage", "records", "snapshots", "meta"):
         op.drop_table(table)
