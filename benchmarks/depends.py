@@ -61,6 +61,8 @@ INPUTS = {
     "fashion_mnist": PIPELINE,
     "sweep_cluster": Inputs(pipeline=True, commands=("mnist-sweep",)),
     "feedback": Inputs(pipeline=True, commands=("mnist-feedback", "mnist-serve")),
+    # mnist-serve and mnist-feedback on a SQLite and a PostgreSQL store, serving the committed model.
+    "store": Inputs(commands=("mnist-serve", "mnist-feedback"), data=("models/export", "data/processed")),
 }
 
 

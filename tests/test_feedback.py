@@ -153,7 +153,7 @@ def test_the_rate_buckets_are_shared_through_the_store(tmp_path):
     assert first.wait("203.0.113.3", 0.0, 1.0, 1) == 0.0 and first.wait("203.0.113.3", 0.25, 1.0, 1) == 0.75
     assert first.wait("203.0.113.3", 1.0, 1.0, 1) == 0.0
     small = Buckets(tmp_path / "small", slots=8)  # bounded: past its slots, the bucket full longest is forgotten
-    assert all(small.wait(f"s{i:015x}", float(i), 1.0, 0.0) == 0.0 for i in range(100))
+    assert all(small.wait(f"s{i:015x}", float(i), 1.0, 0.0, 1.0) == 0.0 for i in range(100))
     assert (tmp_path / "small").stat().st_size == 8 * Buckets.SLOT.size
 
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,8 +103,11 @@ def test_a_corrupted_page_is_refused_for_writing_with_the_problem_named(tmp_path
         handle.write(os.urandom(4096))
     with pytest.raises(StoreError, match="integrity check"):
         Store(tmp_path / "s")
-    assert cli.main(["--store", str(tmp_path / "s"), "status"]) == 2
+    assert cli.main(["--store", str(tmp_path / "s"), "add", "--label", "1", "x.png"]) == 2
     assert "fails its integrity check" in capsys.readouterr().err
+    code = cli.main(["--store", str(tmp_path / "s"), "export"])  # what it can still read, as the message says
+    out, err = capsys.readouterr()
+    assert (code, out.count("\n") > 0) in ((0, True), (2, True)) and "Traceback" not in err
 
 
 def test_a_locked_store_is_unavailable_and_answers_503_with_retry_after(tmp_path, monkeypatch):
@@ -123,7 +127,54 @@ def test_a_locked_store_is_unavailable_and_answers_503_with_retry_after(tmp_path
     assert refusal(StoreFull("full")).status_code == 507
     other.execute("ROLLBACK")
     assert stored(tmp_path / "s") == {}  # neither was committed
-    store.append([record(2)])
+    later = record(2)
+    writer = Writer(store)
+    writer.submit(later).result(10)  # the writer goes on once the lock is free: no worker stays wedged
+    writer.close()
+    assert list(stored(tmp_path / "s")) == [later.id]
+
+
+def test_a_writer_stopped_while_it_holds_the_write_lock_gets_503_not_a_hang(tmp_path, monkeypatch):
+    """A `mnist-feedback snapshot` stopped with Ctrl-Z holds the machine's write lock: the others answer 503."""
+    import fcntl
+
+    monkeypatch.setattr(store_module, "BUSY_MS", 200)
+    store = Store(tmp_path / "s")
+    holder = os.open(tmp_path / "s" / store_module.SQLITE_LOCK, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    writer = Writer(store)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="locked"):
+        writer.submit(record(0)).result(10)
+    assert time.monotonic() - began < 5
+    first = writer.submit(record(1))  # the writer takes it and waits for the lock ...
+    time.sleep(0.05)
+    cancelled = writer.submit(record(2))  # ... while this request is cancelled (its client went away)
+    assert cancelled.cancel()
+    os.close(holder)
+    first.result(10)
+    last = record(3)
+    writer.submit(last).result(10)  # the writer lived through the cancelled request
+    writer.close()
+    assert record(2).id not in stored(tmp_path / "s") and last.id in stored(tmp_path / "s")
+
+
+def test_the_store_is_its_owners_only_it_holds_the_salt(tmp_path):
+    store = Store(tmp_path / "s")
+    store.append([record(0)])
+    for name in (store_module.SQLITE_FILE, store_module.SQLITE_FILE + "-wal", store_module.SQLITE_BUCKETS):
+        assert (tmp_path / "s" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_no_message_repeats_a_password():
+    from mnist_pipeline.feedback.store import shown, url_of
+
+    assert shown(url_of("postgresql://ann:s3cr3t@db:5433/f?password=s3cr3t&sslmode=require")) == \
+        "postgresql://ann@db:5433/f"
+    for given in ("postgres+psycopg2://ann:s3cr3t@db/f", "postgresql://ann:p@s3cr3t@db/f"):
+        with pytest.raises(StoreError) as caught:
+            url_of(given)
+        assert "s3cr3t" not in str(caught.value)
 
 
 def test_group_commit_answers_each_request_once_its_transaction_committed(tmp_path, monkeypatch):
@@ -146,7 +197,7 @@ def test_snapshots_take_each_record_once_and_a_crash_before_the_mark_repeats_not
     store, folder = Store(tmp_path / "s"), tmp_path / "shards"
     store.append([record(i) for i in range(20)])
     first = snapshot.take(store, folder)
-    assert first.new == 20 and snapshot.take(store, folder).path is None
+    assert first.new == 20 and snapshot.take(store, folder).paths == []
     store.append([record(i) for i in range(20, 25)])
     real = snapshot.write_bytes
 
@@ -160,7 +211,7 @@ def test_snapshots_take_each_record_once_and_a_crash_before_the_mark_repeats_not
     monkeypatch.setattr(snapshot, "write_bytes", real)
     store.append([record(i) for i in range(25, 27)])
     again = snapshot.take(store, folder)  # writes the crashed one's shard (the same bytes), then the new one
-    assert again.new == 7 and again.total == 27
+    assert again.new == 7 and again.total == 27 and len(again.paths) == 2  # both, for `dvc add` and git
     ids = [r.id for r in read_shards(folder).records]
     assert len(ids) == len(set(ids)) == 27 and len(list(folder.glob("shard-*.rec"))) == 3
 
@@ -229,6 +280,20 @@ def test_migrate_reads_every_readable_record_once_and_says_what_it_could_not(tmp
     assert Store(tmp_path / "new").salt == salt  # pseudonyms go on as before
     assert cli.main(args) == 1 and "0 records migrated" in capsys.readouterr().out
     assert len(exported(tmp_path / "new")) == 7
+    snapshot.take(Store(tmp_path / "new"), tmp_path / "shards")  # then retire could delete what a rerun re-adds
+    assert cli.main(args) == 2 and "has snapshots already" in capsys.readouterr().err
+
+
+def test_migrate_refuses_ids_that_are_not_ours(tmp_path, capsys):
+    """An id becomes a shard's file name: one from a hostile segment file is reported, not stored."""
+    (tmp_path / "old" / "segments").mkdir(parents=True)
+    import dataclasses
+
+    hostile = dataclasses.replace(record(0), id="../../../etc/x")
+    (tmp_path / "old" / "segments" / "a.seg").write_bytes(encode(hostile) + encode(record(1)))
+    assert cli.main(["--store", str(tmp_path / "new"), "migrate", str(tmp_path / "old")]) == 1
+    assert "not one this project makes ('../../../etc/x')" in capsys.readouterr().out
+    assert list(stored(tmp_path / "new")) == [record(1).id] or len(stored(tmp_path / "new")) == 1
 
 
 def test_stores_of_one_project_share_their_salt_and_a_store_with_records_keeps_its_own(tmp_path, capsys):
@@ -286,6 +351,9 @@ def test_retire_deletes_only_what_dvc_tracks_and_the_remote_holds(tmp_path):
     run([DVC, "add", "-q", str(shard.relative_to(repo))], repo, env)
     out = feedback(repo, where, env, "retire")
     assert "0 records deleted" in out and "not on the DVC remote" in out and len(stored(where)) == 5
+    outside = run([str(BIN / "mnist-feedback"), "--store", where, "--snapshots", str(repo / "data" / "feedback"),
+                   "retire"], tmp_path, env).stdout  # from cron, say: DVC must still look in the shards' repo
+    assert "not on the DVC remote" in outside and len(stored(where)) == 5
     tracked = yaml.safe_load(shard.with_suffix(".rec.dvc").read_text())
     run([DVC, "push", "-q"], repo, env)
     lying = {**tracked, "outs": [{**tracked["outs"][0], "md5": "0" * 32}]}
@@ -358,17 +426,51 @@ def test_a_full_disk_answers_507_and_keeps_every_acknowledged_record(exported_mo
         proc, url = start_server(exported_models[1] / "model.onnx", where, "--feedback-reserve-mb", "0")
         try:
             burst = Burst(url, clients=2)
+            burst.wait_for(20)
+            descriptors = len(os.listdir(f"/proc/{proc.pid}/fd"))
             deadline = time.monotonic() + 60
             while burst.statuses.count(507) < 20 and time.monotonic() < deadline:
                 time.sleep(0.05)
             burst.end()
             assert burst.statuses.count(507) >= 20 and set(burst.statuses) == {201, 507}
             assert json.loads(health(url))["status"] == "ok"  # the server stays up
+            assert len(os.listdir(f"/proc/{proc.pid}/fd")) <= descriptors + 2  # refusals leak no files
             ids = exported(where)
             assert len(ids) == len(set(ids)) and set(burst.acknowledged) <= set(ids)
             assert len(set(ids) - set(burst.acknowledged)) <= 2  # nothing 507'd was kept but a batch in flight
         finally:
             stop_group(proc)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_the_rate_buckets_never_crash_a_worker_on_a_full_disk(tmp_path):
+    """The buckets' table is mapped: a page first written when the disk is full would be SIGBUS (the worker dead).
+    Its blocks are allocated when it is made, so a full disk refuses at start, and a full table keeps working."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        script = """
+import sys
+from pathlib import Path
+from mnist_pipeline.feedback.store import Buckets
+folder = Path(sys.argv[1])
+table = Buckets(folder / "buckets")
+try:
+    (folder / "filler").write_bytes(b"x" * (2 << 20))  # the disk fills up
+except OSError:
+    pass
+print(sum(table.wait(f"s{i:015x}", 0.0, 1.0, 0.0, 1.0) == 0.0 for i in range(20000)))  # every page touched
+"""
+        done = subprocess.run([sys.executable, "-c", script, str(disk)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr  # -7: SIGBUS
+        assert int(done.stdout) == 20000
+        from mnist_pipeline.feedback.store import Buckets
+
+        with pytest.raises(StoreFull, match="rate buckets"):
+            Buckets(disk / "more")  # no room for a table: refused when made, not a crash later
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 

@@ -21,10 +21,13 @@ hashes (the store's key), like the server's client addresses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import getpass
 import json
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +51,7 @@ from mnist_pipeline.feedback.store import COUNT, DEFAULT_STORE, INSERT, Store, f
 
 DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
 MAX_ROWS = 1_000_000  # rows of one CSV import
+ID = re.compile(r"[0-9a-f]{26}")  # records.new_id's: a shard's file name starts with one
 Item = tuple[Path, int, str]  # file, label, submitter name
 
 
@@ -118,9 +122,18 @@ def record_items(store: Store, model_path: Path, items: list[Item]) -> tuple[int
     return recorded, errors
 
 
+@contextlib.contextmanager
+def translated(store: Store) -> Iterator[None]:
+    """A database error as the store's typed error: one line, no traceback."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise failure(exc, store.where) from None
+
+
 def status(store: Store, folder: Path) -> list[str]:
     """What the store holds, counted by SQL."""
-    with store.read() as conn:
+    with store.read() as conn, translated(store):
 
         def counts(sql: str) -> dict[Any, int]:
             return {key: int(n) for key, n in conn.execute(text(sql))}
@@ -175,7 +188,7 @@ def export(store: Store, form: str, out: IO[str]) -> int:
     if writer:
         writer.writerow(EXPORTED)
     count = 0
-    with store.read() as conn:
+    with store.read() as conn, translated(store):
         rows = conn.execution_options(stream_results=True, yield_per=2000).execute(
             text(f"SELECT {', '.join(EXPORTED)} FROM records ORDER BY id")
         )
@@ -215,26 +228,32 @@ def migrate(store: Store, old: Path) -> list[str]:
     segments = sorted((old / "segments").glob("*.seg"))
     if not segments:
         raise PipelineError(f"{old}: no segments/*.seg: not a segment store")
+    with store.read() as conn, translated(store):
+        if conn.execute(text("SELECT count(*) FROM snapshots")).scalar_one():
+            # Retire deletes what snapshots took: "once by id" could no longer see those records.
+            raise PipelineError(
+                f"{store.where} has snapshots already: migrate into a store before its first snapshot, so that no "
+                "record is taken twice"
+            )
     salt = (old / "salt").read_bytes() if (old / "salt").is_file() else None
     if salt is not None:
         store.set_salt(salt)  # the pseudonyms go on as they were
     found = read_files(segments)
-    try:
-        with store.writing() as conn:
-            have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
-            new = {r.id: r for r in found.records if r.id not in have}
-            rows = [row(r) for r in new.values()]
-            if rows:
-                conn.execute(INSERT, rows)
-                conn.execute(COUNT, {"writer": "migrated", "bytes": sum(r["bytes"] for r in rows)})
-    except SQLAlchemyError as exc:
-        raise failure(exc, store.where) from None
+    odd = {r.id for r in found.records if not ID.fullmatch(r.id) or (r.target and not ID.fullmatch(r.target))}
+    with translated(store), store.writing() as conn:
+        have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
+        new = {r.id: r for r in found.records if r.id not in have and r.id not in odd}
+        rows = [row(r) for r in new.values()]
+        if rows:
+            conn.execute(INSERT, rows)
+            conn.execute(COUNT, {"writer": "migrated", "bytes": sum(r["bytes"] for r in rows)})
     lines = [
         f"{len(new)} records migrated from {len(segments)} segments of {old} into {store.where} "
-        f"({len(found.records) - len(new)} already there){'' if salt else '; no salt in ' + str(old)}"
+        f"({len(found.records) - len(new) - len(odd)} already there){'' if salt else '; no salt in ' + str(old)}"
     ]
     lines += [f"not read: {t} (a write that failed or was killed mid-record: never acknowledged)" for t in found.torn]
     lines += [f"not read: {s}" for s in found.skipped]
+    lines += [f"not read: a record whose id is not one this project makes ({i[:40]!r})" for i in sorted(odd)]
     return lines
 
 
@@ -341,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES)
+        # Reading needs no integrity check: what a damaged store still holds can be exported.
+        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES, check=args.command not in ("status", "export"))
         if args.command == "status":
             print("\n".join(status(store, args.snapshots)))
             return 0
@@ -362,15 +382,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if len(lines) > 1 else 0
         if args.command == "snapshot":
             snap = snapshots.take(store, args.snapshots)
-            if snap.path is None:
+            if not snap.paths:
                 print(f"nothing new: {snap.total} records are already in snapshots; no new version")
                 return 0
-            if not args.no_dvc:
-                snapshots.track(snap.path)
+            for path in snap.paths:
+                if not args.no_dvc:
+                    snapshots.track(path)
+            added = " ".join(f"{p}.dvc" for p in snap.paths)
             print(
-                f"{snap.path}: {snap.new} new records ({snap.total} in all). Commit and share it:\n"
-                f"  git add {snap.path}.dvc {args.snapshots}/.gitignore && git commit -m 'Snapshot {snap.new} "
-                f"corrections'\n  dvc push   # uploads this shard only; `mnist-feedback retire` then frees the store\n"
+                f"{', '.join(map(str, snap.paths))}: {snap.new} new records ({snap.total} in all). Commit and share "
+                f"it:\n  git add {added} {args.snapshots}/.gitignore && git commit -m 'Snapshot {snap.new} "
+                f"corrections'\n  dvc push   # uploads the new shards only; then `mnist-feedback retire` frees "
+                "the store\n"
                 "then `dvc repro` trains on it."
             )
             return 0

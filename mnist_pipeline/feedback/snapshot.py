@@ -40,8 +40,8 @@ from mnist_pipeline.fileio import write_bytes
 
 @dataclass(frozen=True)
 class Snapshot:
-    path: Path | None  # the newest shard written, None when there was nothing new
-    new: int  # records in the shards this call wrote
+    paths: list[Path]  # the shards written: the new one, after any a crashed snapshot left unwritten
+    new: int  # records in them
     total: int  # records every snapshot of the store has taken
 
 
@@ -88,15 +88,12 @@ def take(store: Store, folder: Path) -> Snapshot:
                 pending.append(sid)
             else:
                 conn.execute(text("DELETE FROM snapshots WHERE id = :s"), {"s": sid})
-        path, new = None, 0
-        for snapshot in pending:
-            path, n = _write(store, folder, snapshot)
-            new += n
+        written = [_write(store, folder, snapshot) for snapshot in pending]
         with store.read() as conn:
             total = conn.execute(text("SELECT coalesce(sum(records), 0) FROM snapshots")).scalar_one()
     except SQLAlchemyError as exc:
         raise failure(exc, store.where) from None
-    return Snapshot(path, new, int(total))
+    return Snapshot([path for path, _ in written], sum(n for _, n in written), int(total))
 
 
 @dataclass(frozen=True)
@@ -114,18 +111,25 @@ def tracked_md5(dvc_file: Path) -> str | None:
         return None
 
 
-def not_on_remote(paths: list[Path]) -> set[str] | None:
-    """The shards among `paths` (tracked) that the default DVC remote lacks; None when no remote is set."""
+def dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+
+
+def not_on_remote(paths: list[Path], repo: Path) -> set[str] | None:
+    """The shards among `paths` (tracked) that the default DVC remote of `repo` lacks; None when `repo` has no
+    remote at all. Any doubt (remotes but no default, a failing `dvc`) is an error: retire then deletes nothing."""
     if not paths:
         return set()
-    remote = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], capture_output=True, text=True)
-    if remote.returncode != 0 or not remote.stdout.strip():
+    listed = dvc(["remote", "list"], repo)
+    if listed.returncode != 0:
+        raise PipelineError(f"dvc remote list failed in {repo}: {(listed.stderr or listed.stdout).strip()[-300:]}")
+    if not listed.stdout.strip():
         return None
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--cloud", "--json", *(str(p) + ".dvc" for p in paths)],
-        capture_output=True,
-        text=True,
-    )
+    if not dvc(["remote", "default"], repo).stdout.strip():
+        raise PipelineError(
+            f"{repo} has DVC remotes but no default: say which must hold the shards (`dvc remote default NAME`)"
+        )
+    done = dvc(["status", "--cloud", "--json", *(str(p.resolve()) + ".dvc" for p in paths)], repo)
     if done.returncode != 0:
         raise PipelineError(f"dvc status --cloud failed: {(done.stderr or done.stdout).strip()[-300:]}")
     status = json.loads(done.stdout or "{}")
@@ -152,7 +156,11 @@ def retire(store: Store, folder: Path) -> Retired:
                 kept.append(f"{shard}: its .dvc file names {named}, not the shard's {md5}")
             else:
                 candidates.append((sid, shard))
-        missing = not_on_remote([folder / shard for _, shard in candidates])
+        repo = next((d for d in [folder.resolve(), *folder.resolve().parents] if (d / ".dvc").is_dir()), None)
+        if repo is None:
+            kept += [f"{shard}: {folder} is in no DVC repository" for _, shard in candidates]
+            candidates = []
+        missing = not_on_remote([folder / shard for _, shard in candidates], repo) if repo else set()
         removed, done = 0, []
         for sid, shard in candidates:
             if missing is not None and shard in missing:

@@ -108,27 +108,37 @@ class StoreUnavailable(StoreError):
 
 
 def url_of(where: str | Path) -> str:
-    """The SQLAlchemy URL of `--feedback WHERE`: a folder is a SQLite file in it."""
+    """The SQLAlchemy URL of `--feedback WHERE`: a folder is a SQLite file in it. A message never repeats a URL
+    as given: it may hold a password."""
     where = str(where)
     if where.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        return "postgresql+psycopg://" + where.split("://", 1)[1]
+        url = "postgresql+psycopg://" + where.split("://", 1)[1]
+        if "@" in (make_url(url).host or ""):
+            raise StoreError(
+                "the postgresql:// URL has an unescaped @ (write a password's @ as %40; better, keep "
+                "the password in PGPASSWORD or ~/.pgpass)"
+            )
+        return url
     if "://" in where:
-        raise StoreError(f"{where}: expected a folder (a SQLite store) or a postgresql:// URL")
+        raise StoreError(f"{where.split('://', 1)[0]}://…: expected a folder (a SQLite store) or a postgresql:// URL")
     return f"sqlite:///{Path(where).resolve() / SQLITE_FILE}"
 
 
 def shown(url: str) -> str:
-    """`url` without its password, for messages."""
+    """Where the store is, for messages: no password, no query (which may hold one)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return parsed.database or ""
-    return parsed.set(drivername="postgresql").render_as_string()
+    user = f"{parsed.username}@" if parsed.username else ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"postgresql://{user}{parsed.host or ''}{port}/{parsed.database or ''}"
 
 
 def failure(exc: SQLAlchemyError, where: str) -> StoreError:
     """The typed error of a failed database call."""
     orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlite_errorcode", None)
+    code = None if code is None else code & 0xFF  # the primary code of an extended one (SQLITE_CORRUPT_INDEX, …)
     lines = str(orig).strip().splitlines()
     why = lines[0] if lines else type(orig).__name__
     if code == sqlite3.SQLITE_FULL or getattr(orig, "sqlstate", None) == "53100":
@@ -167,10 +177,37 @@ def _engine(url: str, durable: bool) -> Engine:
 
         return engine
     options = f"-c synchronous_commit={'on' if durable else 'off'} -c lock_timeout={BUSY_MS}"
+    # A host that vanishes without a reset (a partition, a power cut) is noticed in seconds, not TCP's minutes.
+    alive = {
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,
+    }
     engine = create_engine(
-        url, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args={"connect_timeout": 5, "options": options}
+        url,
+        pool_pre_ping=True,
+        pool_size=4,
+        max_overflow=8,
+        connect_args={"connect_timeout": 5, "options": options, **alive},
     )
     return engine if durable else engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def locked(fd: int, seconds: float) -> bool:
+    """Take `fd`'s exclusive flock, waiting at most `seconds` (0: not at all); whether it was taken. A holder that
+    was stopped (Ctrl-Z, a frozen container) makes the others answer 503, not hang."""
+    deadline, pause = time.monotonic() + seconds, 0.0002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
 
 def _upgrade(conn: Connection) -> None:
@@ -227,6 +264,12 @@ class Store:
         try:
             if self.folder is not None:
                 self.folder.mkdir(parents=True, exist_ok=True)
+                # Owner-only before SQLite first opens it (it gives its -wal and -shm files the same mode): the
+                # file holds the salt, with which a pseudonym of an address can be reversed by trying addresses.
+                database = self.folder / SQLITE_FILE
+                os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+                if database.stat().st_mode & 0o077:
+                    database.chmod(0o600)
             self.engine = _engine(self.url, durable=True)
             # The rate buckets: losing a bucket's last update loses nothing, so it need not wait on the disk.
             self.buckets, self.fast = None, None
@@ -236,22 +279,39 @@ class Store:
                 self.fast = _engine(self.url, durable=False)
                 with self.fast.connect() as conn:
                     conn.execute(BUCKETS)
-            with self.writing() as conn:
-                if check and self.folder is not None:
+            if check and self.folder is not None:  # read-only: writers go on meanwhile
+                with self.read() as conn:
                     problems = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
-                    if problems != ["ok"]:
-                        raise StoreError(f"{self.where} fails its integrity check ({'; '.join(problems)}): {REFUSED}")
-                _upgrade(conn)
-                conn.execute(
-                    text("INSERT INTO meta (key, value) VALUES ('salt', :salt) ON CONFLICT (key) DO NOTHING"),
-                    {"salt": secrets.token_hex(32)},
-                )
-                self.salt = bytes.fromhex(conn.execute(text("SELECT value FROM meta WHERE key = 'salt'")).scalar_one())
+                if problems != ["ok"]:
+                    raise StoreError(f"{self.where} fails its integrity check ({'; '.join(problems)}): {REFUSED}")
+            self.salt = self._prepared()
         except OSError as exc:
             raise StoreError(f"{where}: cannot use it as a feedback store ({exc.strerror or exc})") from None
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
         self._used, self._counted = 0, -1e9
+
+    def _prepared(self) -> bytes:
+        """The salt, once the schema is the newest and the salt made: a write (one process at a time) only when
+        either is missing, so that opening a store to read it takes no lock."""
+        from alembic.script import ScriptDirectory
+        from sqlalchemy import inspect
+
+        with self.read() as conn:
+            current = (
+                inspect(conn).has_table("alembic_version")
+                and conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+            )
+            salt = current and conn.execute(text("SELECT value FROM meta WHERE key = 'salt'")).scalar()
+        if salt and current == ScriptDirectory(str(MIGRATIONS)).get_current_head():
+            return bytes.fromhex(salt)
+        with self.writing() as conn:
+            _upgrade(conn)
+            conn.execute(
+                text("INSERT INTO meta (key, value) VALUES ('salt', :salt) ON CONFLICT (key) DO NOTHING"),
+                {"salt": secrets.token_hex(32)},
+            )
+            return bytes.fromhex(conn.execute(text("SELECT value FROM meta WHERE key = 'salt'")).scalar_one())
 
     def submitter(self, kind: str, value: str) -> str:
         return pseudonym(self.salt, kind, value)
@@ -285,7 +345,11 @@ class Store:
             return
         fd = os.open(self.folder / SQLITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not locked(fd, BUSY_MS / 1000):
+                raise StoreUnavailable(
+                    f"the feedback store {self.where} is locked by another writer for over "
+                    f"{BUSY_MS / 1000:g} s; retry shortly"
+                )
             with self.engine.begin() as conn:
                 yield conn
         finally:
@@ -332,14 +396,18 @@ class Store:
         except OSError as exc:
             raise StoreUnavailable(f"{self.where}: {exc.strerror or exc}") from None
 
-    def wait(self, client: str, now: float, rate: float, burst: int) -> float:
+    def wait(self, client: str, now: float, rate: float, burst: int, block: bool = True) -> float | None:
         """0 and a token taken if `client` may send one more, else the seconds until it may: one bucket per
         client for every worker and server of this store (a token bucket as GCRA: a bucket is the time it is
-        full again)."""
+        full again). A SQLite store's decision takes microseconds; with `block` false it is None rather than
+        wait for another process's decision (the event loop calls it so, then again off the loop)."""
         key, interval = self.submitter("client", client), 1.0 / rate
         tolerance = (burst - 1) * interval
         if self.buckets is not None:
-            return self.buckets.wait(key, now, interval, tolerance)
+            found = self.buckets.wait(key, now, interval, tolerance, BUSY_MS / 1000 if block else 0.0)
+            if found is None and block:
+                raise StoreUnavailable(f"the rate buckets of {self.where} are locked for over {BUSY_MS / 1000:g} s")
+            return found
         assert self.fast is not None
         try:
             with self.fast.connect() as conn:
@@ -383,15 +451,22 @@ class Buckets:
         self.slots, size = slots, slots * self.SLOT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "r+b")
-        if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)  # zeros: every slot empty
+        try:  # blocks on disk, not a sparse file: a page first written on a full disk would be SIGBUS
+            os.posix_fallocate(fd, 0, size)  # zeros: every slot empty
+        except OSError as exc:
+            self._file.close()
+            raise StoreFull(f"{path}: cannot make the rate buckets' table ({exc.strerror})") from None
         self._map = mmap.mmap(fd, size)
         self._lock = threading.Lock()  # flock excludes other processes; this, the threads of this one
 
-    def wait(self, client: str, now: float, interval: float, tolerance: float) -> float:
+    def wait(self, client: str, now: float, interval: float, tolerance: float, seconds: float) -> float | None:
+        """The decision, or None when another process held the table for `seconds`."""
         key = int(client[1:], 16) | 1  # a pseudonym's hex digits; never 0, the empty slot
-        with self._lock:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+        if not (self._lock.acquire(timeout=seconds) if seconds else self._lock.acquire(blocking=False)):
+            return None
+        try:
+            if not locked(self._file.fileno(), seconds):
+                return None
             try:
                 first, oldest = key % self.slots, None
                 for i in range(self.PROBES):
@@ -411,6 +486,8 @@ class Buckets:
                 return 0.0
             finally:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
 
 
 def _expanding(name: str) -> Any:
@@ -448,12 +525,15 @@ class Writer:
             if item is None:
                 self.queue.put(None)
                 break
-            extra.append(item[0])
-            pending[item[0]["id"]] = item[1]
+            if item[1].set_running_or_notify_cancel():  # a request cancelled meanwhile is neither written nor answered
+                extra.append(item[0])
+                pending[item[0]["id"]] = item[1]
         return extra
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
+            if not item[1].set_running_or_notify_cancel():
+                continue
             pending = {item[0]["id"]: item[1]}
             try:
                 self.store.insert([item[0]], functools.partial(self._more, pending))

@@ -84,9 +84,9 @@ class Collector:
         """None if `client` may send one more correction now; else the 429 (or the store's refusal)."""
         args = (client, time.time(), self.rate, self.burst)
         try:
-            if self.store.buckets is not None:  # a SQLite store's mapped table: microseconds, no hop off the loop
-                wait = self.store.wait(*args)
-            else:
+            # A SQLite store's mapped table decides in microseconds, on the loop, unless another process holds it.
+            wait = self.store.wait(*args, block=False) if self.store.buckets is not None else None
+            if wait is None:
                 wait = await asyncio.get_running_loop().run_in_executor(self.io, self.store.wait, *args)
         except StoreError as exc:
             return refusal(exc)
