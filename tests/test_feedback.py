@@ -146,12 +146,13 @@ def test_the_rate_limit_answers_429_with_retry_after(exported_models, tmp_path):
 def test_the_rate_buckets_are_shared_through_the_store(tmp_path):
     """Two handles on one store are two workers (or two servers): a client has one bucket between them."""
     first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
-    assert [first.wait("203.0.113.1", 100.0, 0.001, 2), second.wait("203.0.113.1", 100.0, 0.001, 2)] == [0.0, 0.0]
-    assert first.wait("203.0.113.1", 100.0, 0.001, 2) > 0 and second.wait("203.0.113.1", 100.0, 0.001, 2) > 0
-    assert second.wait("203.0.113.2", 100.0, 0.001, 2) == 0.0  # another client, its own bucket
+    assert [first.wait("203.0.113.1", 0.001, 2, now=100.0), second.try_wait("203.0.113.1", 0.001, 2, now=100.0)] \
+        == [0.0, 0.0]
+    assert first.wait("203.0.113.1", 0.001, 2, now=100.0) > 0 and second.wait("203.0.113.1", 0.001, 2, now=100.0) > 0
+    assert second.wait("203.0.113.2", 0.001, 2, now=100.0) == 0.0  # another client, its own bucket
     # A token comes back every 1/rate seconds, and the wait says when.
-    assert first.wait("203.0.113.3", 0.0, 1.0, 1) == 0.0 and first.wait("203.0.113.3", 0.25, 1.0, 1) == 0.75
-    assert first.wait("203.0.113.3", 1.0, 1.0, 1) == 0.0
+    assert first.wait("203.0.113.3", 1.0, 1, now=0.0) == 0.0 and first.wait("203.0.113.3", 1.0, 1, now=0.25) == 0.75
+    assert first.wait("203.0.113.3", 1.0, 1, now=1.0) == 0.0
     small = Buckets(tmp_path / "small", slots=8)  # bounded: past its slots, the bucket full longest is forgotten
     assert all(small.wait(f"s{i:015x}", float(i), 1.0, 0.0, 1.0) == 0.0 for i in range(100))
     assert (tmp_path / "small").stat().st_size == 8 * Buckets.SLOT.size

@@ -144,9 +144,11 @@ def test_a_writer_stopped_while_it_holds_the_write_lock_gets_503_not_a_hang(tmp_
     fcntl.flock(holder, fcntl.LOCK_EX)
     writer = Writer(store)
     began = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="locked"):
-        writer.submit(record(0)).result(10)
-    assert time.monotonic() - began < 5
+    queued = [writer.submit(record(i)) for i in range(10, 20)]
+    for done in queued:  # the first misses the lock; those queued behind it are refused with it, not in turn
+        with pytest.raises(StoreUnavailable, match="locked"):
+            done.result(10)
+    assert time.monotonic() - began < 1.5  # 10 × 0.2 s, one after the other, would be 2 s
     first = writer.submit(record(1))  # the writer takes it and waits for the lock ...
     time.sleep(0.05)
     cancelled = writer.submit(record(2))  # ... while this request is cancelled (its client went away)
@@ -171,7 +173,8 @@ def test_no_message_repeats_a_password():
 
     assert shown(url_of("postgresql://ann:s3cr3t@db:5433/f?password=s3cr3t&sslmode=require")) == \
         "postgresql://ann@db:5433/f"
-    for given in ("postgres+psycopg2://ann:s3cr3t@db/f", "postgresql://ann:p@s3cr3t@db/f"):
+    for given in ("postgres+psycopg2://ann:s3cr3t@db/f", "postgresql://ann:p@s3cr3t@db/f",
+                  "postgresql://ann:p@ss:s3cr3t@db/f"):
         with pytest.raises(StoreError) as caught:
             url_of(given)
         assert "s3cr3t" not in str(caught.value)
@@ -308,6 +311,19 @@ def test_stores_of_one_project_share_their_salt_and_a_store_with_records_keeps_i
     assert "already holds records" in capsys.readouterr().err and Store(tmp_path / "a").salt == first.salt
 
 
+def test_reading_a_store_writes_nothing(tmp_path, capsys):
+    assert cli.main(["--store", str(tmp_path / "none"), "status"]) == 2
+    assert "no feedback store there" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    kept = record(0)
+    Store(tmp_path / "s").append([kept])
+    (tmp_path / "s").chmod(0o500)  # a backup, say: read-only
+    try:
+        assert cli.main(["--store", str(tmp_path / "s"), "export"]) == 0
+    finally:
+        (tmp_path / "s").chmod(0o700)
+    assert json.loads(capsys.readouterr().out)["id"] == kept.id
+
+
 def test_status_counts_from_sql(tmp_path, capsys):
     store = Store(tmp_path / "s")
     store.append([record(i) for i in range(4)] + [record(4, "s2")])
@@ -359,6 +375,9 @@ def test_retire_deletes_only_what_dvc_tracks_and_the_remote_holds(tmp_path):
     lying = {**tracked, "outs": [{**tracked["outs"][0], "md5": "0" * 32}]}
     shard.with_suffix(".rec.dvc").write_text(yaml.safe_dump(lying))  # a .dvc file that names other bytes
     assert "names 0000" in feedback(repo, where, env, "retire") and len(stored(where)) == 5
+    elsewhere = {**tracked, "outs": [{**tracked["outs"][0], "remote": "other"}]}
+    shard.with_suffix(".rec.dvc").write_text(yaml.safe_dump(elsewhere))  # dvc status --cloud would skip it
+    assert "off the default remote" in feedback(repo, where, env, "retire") and len(stored(where)) == 5
     shard.with_suffix(".rec.dvc").write_text(yaml.safe_dump(tracked))
     late = record(9)
     store.append([late])  # in no snapshot: kept

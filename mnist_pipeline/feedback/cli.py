@@ -241,6 +241,8 @@ def migrate(store: Store, old: Path) -> list[str]:
     found = read_files(segments)
     odd = {r.id for r in found.records if not ID.fullmatch(r.id) or (r.target and not ID.fullmatch(r.target))}
     with translated(store), store.writing() as conn:
+        if conn.execute(text("SELECT count(*) FROM snapshots")).scalar_one():
+            raise PipelineError(f"{store.where}: a snapshot was taken meanwhile; migrate into a new store")
         have = {r[0] for r in conn.execute(text("SELECT id FROM records"))}
         new = {r.id: r for r in found.records if r.id not in have and r.id not in odd}
         rows = [row(r) for r in new.values()]
@@ -360,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        # Reading needs no integrity check: what a damaged store still holds can be exported.
-        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES, check=args.command not in ("status", "export"))
+        # Reading opens the store read-only, unchecked: what a damaged store still holds can be exported.
+        reading = args.command in ("status", "export")
+        store = Store(args.store, DEFAULT_FEEDBACK_MAX_BYTES, check=not reading, readonly=reading)
         if args.command == "status":
             print("\n".join(status(store, args.snapshots)))
             return 0
@@ -385,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             if not snap.paths:
                 print(f"nothing new: {snap.total} records are already in snapshots; no new version")
                 return 0
-            for path in snap.paths:
-                if not args.no_dvc:
+            if not args.no_dvc:  # this snapshot's shards, and any an earlier one left untracked
+                for path in snapshots.untracked(args.snapshots):
                     snapshots.track(path)
             added = " ".join(f"{p}.dvc" for p in snap.paths)
             print(

@@ -33,7 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.feedback.records import encode
+from mnist_pipeline.feedback.records import encode, shards
 from mnist_pipeline.feedback.store import COLUMNS, COUNT, Store, failure, record_of
 from mnist_pipeline.fileio import write_bytes
 
@@ -104,14 +104,30 @@ class Retired:
 
 
 def tracked_md5(dvc_file: Path) -> str | None:
+    """The MD5 a shard's .dvc file names, if it tracks it the plain way: an output kept off the default remote
+    (`remote:`, `push: false`) would look pushed to `dvc status --cloud`, so it is not taken for tracked."""
     try:
         outs = yaml.safe_load(dvc_file.read_text()).get("outs", [])
-        return str(outs[0]["md5"]) if len(outs) == 1 else None
+        plain = len(outs) == 1 and not {"remote", "push"} & set(outs[0])
+        return str(outs[0]["md5"]) if plain else None
     except (OSError, yaml.YAMLError, AttributeError, KeyError, IndexError, TypeError):
         return None
 
 
-def dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess:
+def repo_of(folder: Path) -> Path | None:
+    """The DVC repository that holds `folder`, as DVC finds its root."""
+    return next((d for d in [folder.resolve(), *folder.resolve().parents] if (d / ".dvc").is_dir()), None)
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
 
 
@@ -125,11 +141,12 @@ def not_on_remote(paths: list[Path], repo: Path) -> set[str] | None:
         raise PipelineError(f"dvc remote list failed in {repo}: {(listed.stderr or listed.stdout).strip()[-300:]}")
     if not listed.stdout.strip():
         return None
-    if not dvc(["remote", "default"], repo).stdout.strip():
+    default = dvc(["remote", "default"], repo)
+    if default.returncode != 0 or not default.stdout.strip():
         raise PipelineError(
             f"{repo} has DVC remotes but no default: say which must hold the shards (`dvc remote default NAME`)"
         )
-    done = dvc(["status", "--cloud", "--json", *(str(p.resolve()) + ".dvc" for p in paths)], repo)
+    done = dvc(["status", "--cloud", "--json", *(str(p.parent.resolve() / f"{p.name}.dvc") for p in paths)], repo)
     if done.returncode != 0:
         raise PipelineError(f"dvc status --cloud failed: {(done.stderr or done.stdout).strip()[-300:]}")
     status = json.loads(done.stdout or "{}")
@@ -151,12 +168,17 @@ def retire(store: Store, folder: Path) -> Retired:
                 continue
             named = tracked_md5(folder / f"{shard}.dvc")
             if named is None:
-                kept.append(f"{shard}: no .dvc file for it in {folder} (`dvc add` it, or pull the checkout that did)")
+                kept.append(
+                    f"{shard}: no .dvc file for it in {folder} (`dvc add` it, or pull the checkout that did), "
+                    "or one that keeps it off the default remote"
+                )
             elif named != md5:
                 kept.append(f"{shard}: its .dvc file names {named}, not the shard's {md5}")
+            elif not (folder / shard).is_file() or file_md5(folder / shard) != md5:
+                kept.append(f"{shard}: its bytes are not here to check (`dvc checkout` or `dvc pull` it)")
             else:
                 candidates.append((sid, shard))
-        repo = next((d for d in [folder.resolve(), *folder.resolve().parents] if (d / ".dvc").is_dir()), None)
+        repo = repo_of(folder)
         if repo is None:
             kept += [f"{shard}: {folder} is in no DVC repository" for _, shard in candidates]
             candidates = []
@@ -179,10 +201,18 @@ def retire(store: Store, folder: Path) -> Retired:
     return Retired(removed, done, kept)
 
 
+def untracked(folder: Path) -> list[Path]:
+    """The shards in `folder` without a .dvc file: written by this snapshot, or left by one whose `dvc add`
+    failed or that ran with --no-dvc."""
+    return [p for p in shards(folder) if not p.with_name(p.name + ".dvc").exists()]
+
+
 def track(path: Path) -> None:
-    """`dvc add` the shard: its .dvc file for git, its bytes to the cache (and later the remote)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", "add", "--quiet", str(path)], capture_output=True, text=True, check=False
-    )
+    """`dvc add` the shard, in the repository that holds it: its .dvc file for git, its bytes to the cache (and
+    later the remote)."""
+    repo = repo_of(path.parent)
+    if repo is None:
+        raise PipelineError(f"{path.parent} is in no DVC repository: `dvc init` there, or snapshot with --no-dvc")
+    done = dvc(["add", "--quiet", str(path.resolve())], repo)
     if done.returncode != 0:
         raise PipelineError(f"dvc add {path} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")

@@ -35,6 +35,7 @@ import sqlite3
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, SQLAlchemyError
 
 from mnist_pipeline.defaults import DEFAULT_FEEDBACK_MAX_BYTES, DEFAULT_FEEDBACK_MIN_FREE
 from mnist_pipeline.errors import PipelineError
@@ -52,6 +53,7 @@ DEFAULT_STORE = "feedback"  # a folder relative to the repository root (ignored 
 SQLITE_FILE = "feedback.sqlite3"
 SQLITE_BUCKETS = "buckets"  # SQLite: the rate buckets, a table every process of the machine maps (Buckets)
 COUNTED_S = 0.5  # how often a writer reads what the store holds, for its bound
+BUCKET_WAIT_S = 0.1  # a bucket's decision takes microseconds: held longer, its holder is stuck (503)
 SQLITE_LOCK = "write.lock"  # SQLite: writers queue on this flock, woken at once (SQLite's busy handler sleeps)
 REFUSED = "it is refused for writing; restore it from a backup, or `mnist-feedback export` what it can still read"
 BUSY_MS = 5000  # how long a write waits for another writer's lock before the answer is 503
@@ -113,7 +115,14 @@ def url_of(where: str | Path) -> str:
     where = str(where)
     if where.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         url = "postgresql+psycopg://" + where.split("://", 1)[1]
-        if "@" in (make_url(url).host or ""):
+        try:
+            host = make_url(url).host or ""
+        except (ValueError, ArgumentError):
+            raise StoreError(
+                "the postgresql:// URL does not parse (is a password's @ or : unescaped? better, keep "
+                "the password in PGPASSWORD or ~/.pgpass)"
+            ) from None
+        if "@" in host:
             raise StoreError(
                 "the postgresql:// URL has an unescaped @ (write a password's @ as %40; better, keep "
                 "the password in PGPASSWORD or ~/.pgpass)"
@@ -150,33 +159,33 @@ def failure(exc: SQLAlchemyError, where: str) -> StoreError:
     return StoreError(f"{where}: {why}")
 
 
-def _engine(url: str, durable: bool) -> Engine:
-    """Durable: transactions, each commit waits for the disk. Not durable (the rate buckets): each statement is
-    its own transaction, and its commit does not wait for the disk."""
+def _engine(url: str, durable: bool = True, readonly: bool = False) -> Engine:
+    """Durable: transactions, each commit waits for the disk. Not durable (PostgreSQL's rate buckets): each
+    statement is its own transaction, and its commit does not wait for the disk. Read-only: for reading a store
+    that must not be written (a damaged one, a backup)."""
     if url.startswith("sqlite"):
+        if readonly:  # SQLite's URI form, opened read-only
+            url = f"sqlite:///file:{urllib.parse.quote(make_url(url).database or '')}?mode=ro&uri=true"
         engine = create_engine(url, pool_size=8, max_overflow=8)
+        pragmas = [f"busy_timeout = {BUSY_MS}"]
+        if not readonly:
+            pragmas += ["journal_mode = WAL", "synchronous = FULL", "foreign_keys = ON"]
 
         @event.listens_for(engine, "connect")
-        def pragmas(dbapi: Any, _: Any) -> None:
+        def connected(dbapi: Any, _: Any) -> None:
             dbapi.isolation_level = None  # transactions are begun below, not by the driver
-            for pragma in (
-                f"busy_timeout = {BUSY_MS}",
-                "journal_mode = WAL",
-                f"synchronous = {'FULL' if durable else 'OFF'}",
-                "foreign_keys = ON",
-            ):
+            for pragma in pragmas:
                 dbapi.execute(f"PRAGMA {pragma}")
-
-        if not durable:
-            return engine.execution_options(isolation_level="AUTOCOMMIT")
 
         @event.listens_for(engine, "begin")
         def begin(conn: Connection) -> None:
             # A writer takes the lock first, so that it waits (busy_timeout) rather than fail on upgrade.
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read") else "BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if readonly or conn.get_execution_options().get("read") else "BEGIN IMMEDIATE")
 
         return engine
     options = f"-c synchronous_commit={'on' if durable else 'off'} -c lock_timeout={BUSY_MS}"
+    if readonly:
+        options += " -c default_transaction_read_only=on"
     # A host that vanishes without a reset (a partition, a power cut) is noticed in seconds, not TCP's minutes.
     alive = {
         "keepalives": 1,
@@ -196,18 +205,34 @@ def _engine(url: str, durable: bool) -> Engine:
 
 
 def locked(fd: int, seconds: float) -> bool:
-    """Take `fd`'s exclusive flock, waiting at most `seconds` (0: not at all); whether it was taken. A holder that
-    was stopped (Ctrl-Z, a frozen container) makes the others answer 503, not hang."""
-    deadline, pause = time.monotonic() + seconds, 0.0002
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    """Take `fd`'s exclusive flock, waiting at most `seconds` (0: not at all); whether it was taken. The wait is
+    the kernel's queue (a helper thread blocks in flock), so a busy lock is handed on at once and in turn, and a
+    holder that was stopped (Ctrl-Z, a frozen container) makes the others answer 503 rather than hang. On a miss
+    `fd` is no longer the caller's: it is closed now, or by the helper when its flock returns."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if not seconds:
+            os.close(fd)
+            return False
+    got, gave_up, guard = threading.Event(), threading.Event(), threading.Lock()
+
+    def take() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            got.set()
+            if gave_up.is_set():
+                os.close(fd)  # the caller left: releasing the lock is ours
+
+    threading.Thread(target=take, name="flock", daemon=True).start()
+    if got.wait(seconds):
+        return True
+    with guard:
+        if got.is_set():
             return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.005)
+        gave_up.set()
+        return False
 
 
 def _upgrade(conn: Connection) -> None:
@@ -255,6 +280,7 @@ class Store:
         max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES,
         min_free: int = DEFAULT_FEEDBACK_MIN_FREE,
         check: bool = True,
+        readonly: bool = False,
     ) -> None:
         self.url = url_of(where)
         self.where = shown(self.url)
@@ -262,18 +288,23 @@ class Store:
         self.folder = Path(where) if self.url.startswith("sqlite") else None
         self.writer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            if self.folder is not None:
-                self.folder.mkdir(parents=True, exist_ok=True)
+            if self.folder is not None and not readonly:
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 # Owner-only before SQLite first opens it (it gives its -wal and -shm files the same mode): the
                 # file holds the salt, with which a pseudonym of an address can be reversed by trying addresses.
-                database = self.folder / SQLITE_FILE
-                os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
-                if database.stat().st_mode & 0o077:
-                    database.chmod(0o600)
-            self.engine = _engine(self.url, durable=True)
+                os.close(os.open(self.folder / SQLITE_FILE, os.O_RDWR | os.O_CREAT, 0o600))
+                for name in (SQLITE_FILE, SQLITE_FILE + "-wal", SQLITE_FILE + "-shm"):
+                    path = self.folder / name
+                    if path.exists() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+                        path.chmod(0o600)
+            elif self.folder is not None and not (self.folder / SQLITE_FILE).is_file():
+                raise StoreError(f"{self.where}: no feedback store there")
+            self.engine = _engine(self.url, readonly=readonly)
             # The rate buckets: losing a bucket's last update loses nothing, so it need not wait on the disk.
             self.buckets, self.fast = None, None
-            if self.folder is not None:
+            if readonly:
+                pass
+            elif self.folder is not None:
                 self.buckets = Buckets(self.folder / SQLITE_BUCKETS)
             else:
                 self.fast = _engine(self.url, durable=False)
@@ -284,14 +315,14 @@ class Store:
                     problems = [r[0] for r in conn.exec_driver_sql("PRAGMA quick_check(5)")]
                 if problems != ["ok"]:
                     raise StoreError(f"{self.where} fails its integrity check ({'; '.join(problems)}): {REFUSED}")
-            self.salt = self._prepared()
+            self.salt = self._prepared(readonly)
         except OSError as exc:
             raise StoreError(f"{where}: cannot use it as a feedback store ({exc.strerror or exc})") from None
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
         self._used, self._counted = 0, -1e9
 
-    def _prepared(self) -> bytes:
+    def _prepared(self, readonly: bool) -> bytes:
         """The salt, once the schema is the newest and the salt made: a write (one process at a time) only when
         either is missing, so that opening a store to read it takes no lock."""
         from alembic.script import ScriptDirectory
@@ -305,6 +336,10 @@ class Store:
             salt = current and conn.execute(text("SELECT value FROM meta WHERE key = 'salt'")).scalar()
         if salt and current == ScriptDirectory(str(MIGRATIONS)).get_current_head():
             return bytes.fromhex(salt)
+        if readonly:
+            raise StoreError(
+                f"{self.where}: its schema is not this version's: a command that writes (or a server) migrates it first"
+            )
         with self.writing() as conn:
             _upgrade(conn)
             conn.execute(
@@ -344,12 +379,12 @@ class Store:
                 yield conn
             return
         fd = os.open(self.folder / SQLITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        if not locked(fd, BUSY_MS / 1000):  # fd is closed, or the waiting helper's: not ours to close
+            raise StoreUnavailable(
+                f"the feedback store {self.where} is locked by another writer for over {BUSY_MS / 1000:g} s; retry "
+                "shortly"
+            )
         try:
-            if not locked(fd, BUSY_MS / 1000):
-                raise StoreUnavailable(
-                    f"the feedback store {self.where} is locked by another writer for over "
-                    f"{BUSY_MS / 1000:g} s; retry shortly"
-                )
             with self.engine.begin() as conn:
                 yield conn
         finally:
@@ -396,19 +431,30 @@ class Store:
         except OSError as exc:
             raise StoreUnavailable(f"{self.where}: {exc.strerror or exc}") from None
 
-    def wait(self, client: str, now: float, rate: float, burst: int, block: bool = True) -> float | None:
+    def _bucket(self, client: str, rate: float, burst: int) -> tuple[str, float, float]:
+        interval = 1.0 / rate
+        return self.submitter("client", client), interval, (burst - 1) * interval
+
+    def try_wait(self, client: str, rate: float, burst: int, now: float | None = None) -> float | None:
+        """`wait` for a SQLite store's mapped table when no other process holds it (microseconds: the event
+        loop calls it), else None (then `wait`, off the loop)."""
+        if self.buckets is None:
+            return None
+        key, interval, tolerance = self._bucket(client, rate, burst)
+        return self.buckets.wait(key, time.time() if now is None else now, interval, tolerance, 0.0)
+
+    def wait(self, client: str, rate: float, burst: int, now: float | None = None) -> float:
         """0 and a token taken if `client` may send one more, else the seconds until it may: one bucket per
         client for every worker and server of this store (a token bucket as GCRA: a bucket is the time it is
-        full again). A SQLite store's decision takes microseconds; with `block` false it is None rather than
-        wait for another process's decision (the event loop calls it so, then again off the loop)."""
-        key, interval = self.submitter("client", client), 1.0 / rate
-        tolerance = (burst - 1) * interval
+        full again)."""
+        key, interval, tolerance = self._bucket(client, rate, burst)
         if self.buckets is not None:
-            found = self.buckets.wait(key, now, interval, tolerance, BUSY_MS / 1000 if block else 0.0)
-            if found is None and block:
-                raise StoreUnavailable(f"the rate buckets of {self.where} are locked for over {BUSY_MS / 1000:g} s")
+            found = self.buckets.wait(key, time.time() if now is None else now, interval, tolerance, BUCKET_WAIT_S)
+            if found is None:
+                raise StoreUnavailable(f"the rate buckets of {self.where} are held by another process")
             return found
         assert self.fast is not None
+        now = time.time() if now is None else now
         try:
             with self.fast.connect() as conn:
                 ok, tat = conn.execute(
@@ -416,7 +462,7 @@ class Store:
                 ).one()
         except SQLAlchemyError as exc:
             raise failure(exc, self.where) from None
-        return 0.0 if ok else tat - now - tolerance
+        return 0.0 if ok else float(tat) - now - tolerance
 
     def forget_full_buckets(self, now: float) -> None:
         """A bucket full again is the same as none: keeps the table at the clients of the last minutes."""
@@ -448,7 +494,7 @@ class Buckets:
     PROBES = 16
 
     def __init__(self, path: Path, slots: int = 1 << 14) -> None:
-        self.slots, size = slots, slots * self.SLOT.size
+        self.path, self.slots, size = path, slots, slots * self.SLOT.size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._file = os.fdopen(fd, "r+b")
         try:  # blocks on disk, not a sparse file: a page first written on a full disk would be SIGBUS
@@ -465,7 +511,10 @@ class Buckets:
         if not (self._lock.acquire(timeout=seconds) if seconds else self._lock.acquire(blocking=False)):
             return None
         try:
-            if not locked(self._file.fileno(), seconds):
+            # An open file of its own each time: a flock belongs to the open file (a dup would share it), and on a
+            # miss `locked` keeps this one to close when its wait ends.
+            fd = os.open(self.path, os.O_RDWR)
+            if not locked(fd, seconds):
                 return None
             try:
                 first, oldest = key % self.slots, None
@@ -485,7 +534,7 @@ class Buckets:
                 self.SLOT.pack_into(self._map, offset, key, tat + interval)
                 return 0.0
             finally:
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                os.close(fd)
         finally:
             self._lock.release()
 
@@ -514,10 +563,11 @@ class Writer:
         self.queue.put((row(record), done))
         return done
 
-    def _more(self, pending: dict[str, Future[None]]) -> list[dict[str, Any]]:
-        """What arrived while the first record waited for the write lock: it goes into the same transaction."""
+    def _more(self, pending: dict[str, Future[None]], everything: bool = False) -> list[dict[str, Any]]:
+        """What arrived while the first record waited for the write lock: it goes into the same transaction
+        (`everything`: all that is queued, to be refused at once with the error that refused the first)."""
         extra: list[dict[str, Any]] = []
-        while len(pending) < self.BATCH:
+        while everything or len(pending) < self.BATCH:
             try:
                 item = self.queue.get_nowait()
             except queue.Empty:
@@ -538,6 +588,8 @@ class Writer:
             try:
                 self.store.insert([item[0]], functools.partial(self._more, pending))
             except Exception as exc:  # noqa: BLE001  every waiter gets the error; the writer goes on
+                if isinstance(exc, StoreUnavailable | StoreFull):  # so would everything queued behind it
+                    self._more(pending, everything=True)
                 for done in pending.values():
                     done.set_exception(exc)
             else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -82,12 +81,13 @@ class Collector:
 
     async def admitted(self, client: str) -> Response | None:
         """None if `client` may send one more correction now; else the 429 (or the store's refusal)."""
-        args = (client, time.time(), self.rate, self.burst)
         try:
             # A SQLite store's mapped table decides in microseconds, on the loop, unless another process holds it.
-            wait = self.store.wait(*args, block=False) if self.store.buckets is not None else None
+            wait = self.store.try_wait(client, self.rate, self.burst)
             if wait is None:
-                wait = await asyncio.get_running_loop().run_in_executor(self.io, self.store.wait, *args)
+                wait = await asyncio.get_running_loop().run_in_executor(
+                    self.io, self.store.wait, client, self.rate, self.burst
+                )
         except StoreError as exc:
             return refusal(exc)
         if not wait:
