@@ -292,7 +292,10 @@ class Store:
                 self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 # Owner-only before SQLite first opens it (it gives its -wal and -shm files the same mode): the
                 # file holds the salt, with which a pseudonym of an address can be reversed by trying addresses.
-                os.close(os.open(self.folder / SQLITE_FILE, os.O_RDWR | os.O_CREAT, 0o600))
+                # Only a file that is not there: closing any descriptor of a database file drops the POSIX locks
+                # that SQLite connections of this process hold on it.
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.folder / SQLITE_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
                 for name in (SQLITE_FILE, SQLITE_FILE + "-wal", SQLITE_FILE + "-shm"):
                     path = self.folder / name
                     if path.exists() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
