@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -334,7 +335,7 @@ def store_block() -> str:
     names = {"worker": "a worker killed with SIGKILL, twice", "server": "the whole server killed with SIGKILL, "
              "twice, then again at the end", "postgresql": "PostgreSQL restarted in immediate mode, twice",
              "disk": "the disk (a tmpfs) full, then some space back, then full again"}
-    lines = [f"Fault runs (`python benchmarks/bench_store.py`, `store.json`; {r['postgresql_version']}): "
+    lines = [f"Fault runs (`python benchmarks/bench_store.py`, `store.json`; PostgreSQL {re.findall(r'[0-9.]+', r['postgresql_version'])[0]}): "
              f"`mnist-serve --feedback` with {r['workers']} workers, {r['clients']} keep-alive clients posting until "
              f"at least {r['posts_per_run_at_least']:,} corrections are acknowledged, a fault a third and two thirds "
              "of the way; then `mnist-feedback export`.", "",
@@ -352,8 +353,8 @@ def store_block() -> str:
     ops = r["operations"]
     for engine, o in ops.items():
         lines.append(f"- {'SQLite' if engine == 'sqlite' else 'PostgreSQL'}: a snapshot of 1,000 new records "
-                     f"takes {secs(o['snapshot_1000_new_of_10000_s'])} on a store of 10,000 and "
-                     f"{secs(o['snapshot_1000_new_of_100000_s'])} on one of 100,000 "
+                     f"takes {o['snapshot_1000_new_of_10000_s'] * 1000:.0f} ms on a store of 10,000 and "
+                     f"{o['snapshot_1000_new_of_100000_s'] * 1000:.0f} ms on one of 100,000 "
                      f"({o['snapshot_ratio_100k_over_10k']:.2f}×); `mnist-feedback export` of 100,000 records "
                      f"{secs(o['export_100000_jsonl_s'])} as JSON lines, {secs(o['export_100000_csv_s'])} as CSV.")
     every = all(f["all_acknowledged_exported_once"] for f in r["faults"].values())
