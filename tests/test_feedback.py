@@ -154,8 +154,14 @@ def test_the_rate_buckets_are_shared_through_the_store(tmp_path):
     assert first.wait("203.0.113.3", 1.0, 1, now=0.0) == 0.0 and first.wait("203.0.113.3", 1.0, 1, now=0.25) == 0.75
     assert first.wait("203.0.113.3", 1.0, 1, now=1.0) == 0.0
     small = Buckets(tmp_path / "small", slots=8)  # bounded: past its slots, the bucket full longest is forgotten
-    assert all(small.wait(f"s{i:015x}", float(i), 1.0, 0.0, 1.0) == 0.0 for i in range(100))
     assert (tmp_path / "small").stat().st_size == 8 * Buckets.SLOT.size
+    flooder = "s" + "f" * 15
+    assert small.wait(flooder, 0.0, 100.0, 0.0, 1.0) == 0.0 and small.wait(flooder, 0.0, 100.0, 0.0, 1.0) > 0
+    # Seven more clients fill the table; each bucket is full again a second later, the flooder's in 100 s.
+    assert all(small.wait(f"s{i:015x}", 0.0, 1.0, 0.0, 1.0) == 0.0 for i in range(1, 8))
+    assert small.wait(flooder, 0.0, 100.0, 0.0, 1.0) > 0  # still limited
+    assert small.wait("s" + "e" * 15, 0.5, 1.0, 0.0, 1.0) == 0.0  # a new client evicts one full longest ...
+    assert small.wait(flooder, 0.5, 100.0, 0.0, 1.0) > 0  # ... never the flooder's, which is furthest from full
 
 
 @pytest.mark.slow

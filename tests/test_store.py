@@ -152,14 +152,39 @@ def test_a_writer_stopped_while_it_holds_the_write_lock_gets_503_not_a_hang(tmp_
     assert time.monotonic() - began < 1.5  # 10 × 0.2 s, one after the other, would be 2 s
     first = writer.submit(record(1))  # the writer takes it and waits for the lock ...
     time.sleep(0.05)
-    cancelled = writer.submit(record(2))  # ... while this request is cancelled (its client went away)
+    dropped = record(2)
+    cancelled = writer.submit(dropped)  # ... while this request is cancelled (its client went away)
     assert cancelled.cancel()
     os.close(holder)
     first.result(10)
     last = record(3)
     writer.submit(last).result(10)  # the writer lived through the cancelled request
     writer.close()
-    assert record(2).id not in stored(tmp_path / "s") and last.id in stored(tmp_path / "s")
+    assert len(stored(tmp_path / "s")) == 2 and dropped.id not in stored(tmp_path / "s")
+    assert last.id in stored(tmp_path / "s")
+
+
+def test_a_stuck_lock_holder_costs_one_waiting_thread_at_most(tmp_path, monkeypatch):
+    """Each refusal behind a stopped holder used to leave a helper thread and a descriptor waiting in flock."""
+    import fcntl
+
+    monkeypatch.setattr(store_module, "BUSY_MS", 50)
+    store = Store(tmp_path / "s")
+    holders = [os.open(tmp_path / "s" / name, os.O_RDWR) for name in (store_module.SQLITE_LOCK, "buckets")]
+    for fd in holders:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for i in range(20):
+        with pytest.raises(StoreUnavailable):
+            store.append([record(i)])
+        with pytest.raises(StoreUnavailable):
+            store.wait(f"203.0.113.{i}", 1.0, 1)
+    assert threading.active_count() <= threads + 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
+    for fd in holders:
+        os.close(fd)
+    kept = record(99)
+    store.append([kept])  # the holder gone, writes go on
+    assert list(stored(tmp_path / "s")) == [kept.id] and store.wait("203.0.113.1", 1.0, 1) == 0.0
 
 
 def test_the_store_is_its_owners_only_it_holds_the_salt(tmp_path):
@@ -188,12 +213,21 @@ def test_group_commit_answers_each_request_once_its_transaction_committed(tmp_pa
     commits: list[int] = []
     event.listen(store.engine, "commit", lambda conn: commits.append(1))
     writer = Writer(store)
+    seen_at_answer: dict[str, bool] = {}
+
+    def answered(record_id: str) -> None:  # what another connection sees when the request is answered
+        with sqlite3.connect(tmp_path / "s" / store_module.SQLITE_FILE) as other:
+            seen_at_answer[record_id] = bool(other.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchall())
+
     futures = {r.id: writer.submit(r) for r in (record(i) for i in range(300))}
+    for record_id, done in futures.items():
+        done.add_done_callback(lambda _, record_id=record_id: answered(record_id))
     for done in futures.values():
         done.result(30)
         assert done.exception() is None
     writer.close()
     assert sorted(stored(tmp_path / "s")) == sorted(futures)
+    assert len(seen_at_answer) == 300 and all(seen_at_answer.values())  # each answer after its commit
     assert len(commits) < 300  # grouped: fewer transactions than requests
 
 
@@ -293,11 +327,11 @@ def test_migrate_refuses_ids_that_are_not_ours(tmp_path, capsys):
     (tmp_path / "old" / "segments").mkdir(parents=True)
     import dataclasses
 
-    hostile = dataclasses.replace(record(0), id="../../../etc/x")
-    (tmp_path / "old" / "segments" / "a.seg").write_bytes(encode(hostile) + encode(record(1)))
+    hostile, fine = dataclasses.replace(record(0), id="../../../etc/x"), record(1)
+    (tmp_path / "old" / "segments" / "a.seg").write_bytes(encode(hostile) + encode(fine))
     assert cli.main(["--store", str(tmp_path / "new"), "migrate", str(tmp_path / "old")]) == 1
     assert "not one this project makes ('../../../etc/x')" in capsys.readouterr().out
-    assert list(stored(tmp_path / "new")) == [record(1).id] or len(stored(tmp_path / "new")) == 1
+    assert list(stored(tmp_path / "new")) == [fine.id]
 
 
 def test_stores_of_one_project_share_their_salt_and_a_store_with_records_keeps_its_own(tmp_path, capsys):

@@ -204,35 +204,58 @@ def _engine(url: str, durable: bool = True, readonly: bool = False) -> Engine:
     return engine if durable else engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def locked(fd: int, seconds: float) -> bool:
-    """Take `fd`'s exclusive flock, waiting at most `seconds` (0: not at all); whether it was taken. The wait is
-    the kernel's queue (a helper thread blocks in flock), so a busy lock is handed on at once and in turn, and a
-    holder that was stopped (Ctrl-Z, a frozen container) makes the others answer 503 rather than hang. On a miss
+_queued: dict[str, threading.Event] = {}  # lock file → the wait of a helper whose caller gave up, while it waits
+_queued_guard = threading.Lock()
+
+
+def locked(fd: int, seconds: float, name: str) -> bool:
+    """Take `fd`'s exclusive flock (the lock file `name`), waiting at most `seconds` (0: not at all); whether it
+    was taken. The wait is the kernel's queue (a helper thread blocks in flock), so a busy lock is handed on at
+    once and in turn, and a holder that was stopped (Ctrl-Z, a frozen container) makes the others answer 503
+    rather than hang. While a helper whose caller gave up still waits, later callers poll instead of queueing
+    another: one thread and one descriptor per lock file at most, however long the holder is stuck. On a miss
     `fd` is no longer the caller's: it is closed now, or by the helper when its flock returns."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
-        if not seconds:
-            os.close(fd)
-            return False
-    got, gave_up, guard = threading.Event(), threading.Event(), threading.Lock()
+        pass
+    with _queued_guard:
+        stuck = name in _queued and not _queued[name].is_set()
+    if not seconds or stuck:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.001)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+        os.close(fd)
+        return False
+    done, gave_up, guard, taken = threading.Event(), threading.Event(), threading.Lock(), []
 
     def take() -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            taken.append(True)
+        except OSError:
+            taken.append(False)
         with guard:
-            got.set()
-            if gave_up.is_set():
-                os.close(fd)  # the caller left: releasing the lock is ours
+            done.set()
+            if gave_up.is_set() or not taken[0]:
+                os.close(fd)  # the caller left (or the flock failed): releasing it is ours
 
     threading.Thread(target=take, name="flock", daemon=True).start()
-    if got.wait(seconds):
-        return True
+    if done.wait(seconds):
+        return taken[0]
     with guard:
-        if got.is_set():
-            return True
+        if done.is_set():
+            return taken[0]
         gave_up.set()
-        return False
+    with _queued_guard:
+        _queued[name] = done
+    return False
 
 
 def _upgrade(conn: Connection) -> None:
@@ -382,7 +405,9 @@ class Store:
                 yield conn
             return
         fd = os.open(self.folder / SQLITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        if not locked(fd, BUSY_MS / 1000):  # fd is closed, or the waiting helper's: not ours to close
+        if not locked(
+            fd, BUSY_MS / 1000, str(self.folder / SQLITE_LOCK)
+        ):  # fd is closed, or the waiting helper's: not ours to close
             raise StoreUnavailable(
                 f"the feedback store {self.where} is locked by another writer for over {BUSY_MS / 1000:g} s; retry "
                 "shortly"
@@ -510,14 +535,14 @@ class Buckets:
 
     def wait(self, client: str, now: float, interval: float, tolerance: float, seconds: float) -> float | None:
         """The decision, or None when another process held the table for `seconds`."""
-        key = int(client[1:], 16) | 1  # a pseudonym's hex digits; never 0, the empty slot
+        key = int(client[1:], 16) | 1 << 63  # a pseudonym's hex digits; never 0, the empty slot
         if not (self._lock.acquire(timeout=seconds) if seconds else self._lock.acquire(blocking=False)):
             return None
         try:
             # An open file of its own each time: a flock belongs to the open file (a dup would share it), and on a
             # miss `locked` keeps this one to close when its wait ends.
             fd = os.open(self.path, os.O_RDWR)
-            if not locked(fd, seconds):
+            if not locked(fd, seconds, str(self.path)):
                 return None
             try:
                 first, oldest = key % self.slots, None
