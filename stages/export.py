@@ -6,7 +6,8 @@ nothing is selected on them), --eval (test accuracy for the card, and the temper
 validation, which becomes the exported graph's last layer).
 Writes: OUT_DIR/model.onnx and/or OUT_DIR/model.pt2 (taking [0, 1] pixels: the normalisation
 is inside), --card (the model card: small and byte-stable, so it is kept in git while the models
-go to the DVC cache), --metrics (per format: top-1 agreement with PyTorch and the bound its largest
+go to the DVC cache; it names --lock's SHA-256 and the versions of torch, numpy, onnx and onnxruntime that
+made it), --metrics (per format: top-1 agreement with PyTorch and the bound its largest
 logit difference passed, and the same through images.prepare from PNG bytes, the path mnist-predict
 and mnist-serve take) and --parity (the differences as measured: onnxruntime picks its kernels by
 CPU, so they are this machine's own and, like the timing logs, kept out of DVC and git). Fails if any
@@ -38,6 +39,7 @@ def configure(parser) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--card", type=Path, required=True)
     parser.add_argument("--parity", type=Path, required=True)
+    parser.add_argument("--lock", type=Path, required=True, help="the environment's lock (requirements.txt)")
 
 
 def evaluated(path: Path) -> tuple[float, dict]:
@@ -57,9 +59,32 @@ def evaluated(path: Path) -> tuple[float, dict]:
     return accuracy, calibrated
 
 
+def environment(lock: Path) -> dict[str, str]:
+    """The lock this environment was installed from, and the versions of what computed and exported the model
+    (every stage lists the lock among its deps, so the checkpoint was trained by the same packages)."""
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    try:
+        digest = sha256_file(lock)
+    except OSError as exc:
+        raise DatasetError(f"{lock}: cannot read the lock ({exc.strerror})") from None
+    return {
+        "lock": lock.name,
+        "lock_sha256": digest,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args, params = stage.parse(__doc__, configure, argv)
     accuracy, calibrated = evaluated(args.eval)  # checked first: a bad file fails before seconds of export
+    env = environment(args.lock)
     ckpt = load_checkpoint(args.checkpoint)
     images, _ = processed.load_split(args.data_dir, "test")
     norm = ckpt.normalisation
@@ -114,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_validation": ckpt.best,
             "files_sha256": files,
             "parity": kept,
+            "environment": env,
         },
     )
     return 0

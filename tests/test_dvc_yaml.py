@@ -118,3 +118,11 @@ def test_every_output_path_appears_in_the_command():
         for out in stage.get("outs", []) + stage.get("metrics", []):
             path = next(iter(out)) if isinstance(out, dict) else out
             assert path in stage["cmd"], f"stage {name}: output {path} is not passed to the script"
+
+
+def test_every_stage_that_computes_depends_on_the_lock():
+    """The environment is part of the lock: a new torch (or numpy, onnx, …) may round differently, so every stage
+    but download (which only fetches and verifies) reruns when requirements.txt changes."""
+    lists = {name for name, stage in STAGES.items() if "requirements.txt" in stage["deps"]}
+    assert lists == set(STAGES) - {"download"}
+    assert "--lock requirements.txt" in STAGES["export"]["cmd"]  # the model card names the lock's hash

@@ -35,6 +35,15 @@ def test_repro_then_noop(tiny_baseline, tiny_project):
     assert all(r["top1_agreement"] == 1.0 and r["max_abs_logit_diff_bound"] <= 1e-4 for r in export.values())
     card = json.loads((repo / "models/model_card.json").read_text())
     assert set(card["files_sha256"]) == {"model.onnx", "model.pt2"}
+    import hashlib
+
+    import numpy
+    import onnxruntime
+    import torch
+    assert card["environment"] == {  # what trained and exported it: the lock, by its hash, and the versions
+        "lock": "requirements.txt", "lock_sha256": hashlib.sha256((repo / "requirements.txt").read_bytes()).hexdigest(),
+        "torch": torch.__version__, "numpy": numpy.__version__, "onnx": card["environment"]["onnx"],
+        "onnxruntime": onnxruntime.__version__}
     for name in ("confusion.png", "misclassified.png", "curves.png"):
         assert (repo / "plots/figures" / name).stat().st_size > 1000
     assert not list((repo / ".resume").glob("*.pt")), "finished runs leave no resume state"

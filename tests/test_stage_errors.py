@@ -90,7 +90,7 @@ def evaluate_args(work: Path, ckpt: Path, data: Path, history: Path) -> list[str
 def export_args(work: Path, ckpt: Path, data: Path, evaluation: Path) -> list[str]:
     return [str(ckpt), str(data), str(work / "out" / "export"), f"--eval={evaluation}",
             f"--metrics={work / 'out' / 'export.json'}", f"--card={work / 'out' / 'card.json'}",
-            f"--parity={work / 'out' / 'parity.json'}"]
+            f"--parity={work / 'out' / 'parity.json'}", f"--lock={ROOT / 'requirements.txt'}"]
 
 
 def bad(work: Path, name: str, content: bytes) -> Path:
@@ -188,7 +188,7 @@ OPTIONS = {"teacher": ["--metrics=x", "--timing=x"],
            "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live", "state-dir")],
            "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png", "misclassified-png",
                                              "curves-png", "reliability-png")],
-           "export": ["--eval=x", "--metrics=x", "--card=x", "--parity=x"]}
+           "export": ["--eval=x", "--metrics=x", "--card=x", "--parity=x", "--lock=x"]}
 TYPO = "error: params.yaml: mlp.train.lr = 'fast' is invalid: expected a finite number"
 
 
