@@ -1,10 +1,13 @@
 """The same bytes on every x86-64 CPU (mnist_pipeline/kernels.py, docs/reproducibility.md).
 
 The real stage code (tests/portable_probe.py: preprocess, curate with users' corrections, the CNN
-teacher, the MLP distilled from it, the CNN trained, evaluated and exported) runs natively, with 1 and 3 threads, and under
-`qemu-x86_64` on an emulated AMD EPYC-Rome and an emulated Intel Haswell (both AVX2, no AVX-512),
-and every output must have the same SHA-256. With `MNIST_KERNELS=native` the emulated CPU must
-give other bytes: that is what the pins are for, and it shows this test can see a difference.
+teacher, the MLP distilled from it, the CNN trained, evaluated and exported) runs natively with the
+default threads, with 1 and with 3, and every output must have the same SHA-256. Under `qemu-x86_64`,
+on an emulated AMD EPYC-Rome and an emulated Intel Haswell (both AVX2, no AVX-512), the probe's
+`--steps` runs where a CPU's kernels show (preprocess, curate, two steps of each model's training
+loop, validation with test-time views, the temperature fit), and must match the same run here. With
+`MNIST_KERNELS=native` the emulated CPU must give other weights: that is what the pins are for, and it
+shows this test can see a difference.
 """
 
 from __future__ import annotations
@@ -56,12 +59,14 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
-def start(inputs: Path, name: str, cpu: str | None = None, **env: str) -> tuple[subprocess.Popen, Path]:
+def start(inputs: Path, name: str, cpu: str | None = None, steps: bool = False,
+          **env: str) -> tuple[subprocess.Popen, Path]:
     work = inputs.parent / f"{inputs.name}-{name}"
     shutil.copytree(inputs, work)
     prefix = [QEMU, "-cpu", cpu] if cpu else []
     inherited = kernels.child_env(env.pop(kernels.ENV, kernels.PORTABLE))
-    proc = subprocess.Popen([*prefix, sys.executable, str(PROBE), str(work)], stdout=subprocess.PIPE,
+    mode = ["--steps"] if steps else []
+    proc = subprocess.Popen([*prefix, sys.executable, str(PROBE), str(work), *mode], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=work,
                             env={**inherited, "PYTHONPATH": str(ROOT), **env})
     return proc, work
@@ -88,19 +93,23 @@ def qemu_major() -> int:
 def test_same_bytes_on_other_cpus_and_thread_counts(inputs):
     # qemu 7.2 (Debian 12's own) crashes on AVX2 gathers, which grid_sample's kernel uses; 8+ runs them.
     assert qemu_major() >= 8, "qemu-user 7 cannot run AVX2 gathers: install qemu-user from bookworm-backports"
-    emulated = {cpu: start(inputs, cpu, cpu) for cpu in CPUS}
-    control = start(inputs, "haswell-native", "Haswell", MNIST_KERNELS="native")
+    emulated = {cpu: start(inputs, cpu, cpu, steps=True) for cpu in CPUS}
+    control = start(inputs, "haswell-native", "Haswell", steps=True, MNIST_KERNELS="native")
     here = finish(start(inputs, "here")[0])
     assert here["kernels"] == f"portable kernels: {kernels.CAPABILITY}, {kernels.THREADS} threads"
+    assert {"out/mlp/checkpoint.pt", "out/cnn/export/model.onnx", "out/teacher/logits.pt"} <= here["sha256"].keys()
     for threads in ("1", "3"):
         other = finish(start(inputs, f"threads-{threads}", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)[0])
         assert differing(here, other) == [], f"OMP_NUM_THREADS={threads}"
-    native_here = finish(start(inputs, "here-native", MNIST_KERNELS="native")[0])
+    steps_here = finish(start(inputs, "here-steps", steps=True)[0])
+    shared = steps_here["sha256"].keys() & here["sha256"].keys()  # preprocess's and curate's outputs
+    assert "data/train.pt" in shared and all(steps_here["sha256"][k] == here["sha256"][k] for k in shared)
+    native_here = finish(start(inputs, "here-native", steps=True, MNIST_KERNELS="native")[0])
     for cpu, (proc, _) in emulated.items():
-        assert differing(here, finish(proc)) == [], cpu
-    # Without the pins, the emulated Intel CPU trains other models: the test sees what the pins fix.
+        assert differing(steps_here, finish(proc)) == [], cpu
+    # Without the pins, the emulated Intel CPU trains other weights: the test sees what the pins fix.
     changed = differing(native_here, finish(control[0]))
-    assert "out/mlp/checkpoint.pt" in changed and "out/cnn/checkpoint.pt" in changed, changed
+    assert "mlp/weights" in changed and "cnn/weights" in changed, changed
 
 
 def test_kernels_mode_is_checked():
