@@ -20,6 +20,7 @@ import time
 
 import common
 from common import Recipe
+from mnist_pipeline.params import Params
 
 SEEDS = (1, 2, 3)
 
@@ -31,6 +32,12 @@ RECIPES = [
     Recipe("cnn", "the record CNN (`-S model=cnn`)", ["model=cnn"]),
     Recipe("mlp-distilled", "the record MLP, distilled from `cnn`", DISTILLED, teacher="cnn", distill=(0.5, 1.0)),
 ]
+
+
+def plan(base: Params) -> list[dict]:
+    """What it trains from params.yaml `base`: tests/test_bench_provenance.py changes each key and checks that
+    exactly the keys depends.py declares for it move this."""
+    return [common.trained_with(common.recipe_params(r, seed, base)) for seed in SEEDS for r in RECIPES]
 
 
 def shipped(summary: dict, summaries: list[dict]) -> dict:

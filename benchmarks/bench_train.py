@@ -102,6 +102,16 @@ def baseline_run(name: str, params, data, norm, max_epochs: int, workers: int) -
     return {"epochs": epochs}
 
 
+def models(base) -> list[tuple[str, object]]:
+    """The default MLP and CNN of params.yaml `base`, each with its own recipe."""
+    return [(name, base.model_copy(update={"model": name})) for name in ("mlp", "cnn")]
+
+
+def plan(base) -> list[dict]:
+    """What it trains from `base` (tests/test_bench_provenance.py checks it against depends.py's keys)."""
+    return [{**common.trained_with(p), "seed": p.seed, "val_size": p.data.val_size} for _, p in models(base)]
+
+
 def time_to(epochs: list[dict], target: float) -> float | None:
     return next((e["elapsed"] for e in epochs if e["val_acc"] >= target), None)
 
@@ -123,8 +133,7 @@ def main() -> None:
     peak = common.matmul_gflops()
     print(f"fp32 matmul: {peak:.1f} GFLOP/s")
     results: dict = {"matmul_gflops": round(peak, 1), "models": {}}
-    for name in ("mlp", "cnn"):
-        p = params.model_copy(update={"model": name})
+    for name, p in models(params):
         project = project_run(name, p, data, norm)
         baseline = baseline_run(name, p, data, norm, args.baseline_epochs, workers=0)
         baseline2 = baseline_run(name, p, data, norm, args.baseline_epochs, workers=2)

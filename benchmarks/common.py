@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -209,10 +209,17 @@ class Recipe:
     overrides: list[str]
     teacher: str | None = None
     distill: tuple[float, float] = (0.0, 1.0)  # (weight, temperature)
-    model: str = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "model", "cnn" if "model=cnn" in self.overrides else "mlp")
+
+def recipe_params(recipe: Recipe, seed: int, base: Params | None = None) -> Params:
+    """params.yaml (or `base`) with the recipe's overrides at `seed`: what `dvc exp run -S` would train."""
+    return apply_overrides(base or defaults(), recipe.overrides + [f"seed={seed}"])
+
+
+def trained_with(params: Params) -> dict:
+    """Everything of `params` that train_and_score reads (tests/test_bench_provenance.py compares it with the keys
+    depends.py declares): the model, its architecture and views, its recipe."""
+    return {"model": params.model, "kwargs": params.model_kwargs(), "train": params.train.model_dump()}
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -223,9 +230,10 @@ def train_and_score(recipe: Recipe, seed: int, data: dict, norm: Stats,
                     teachers: dict[tuple[str, int], nn.Module]) -> tuple[dict, nn.Module]:
     """Seed, build, train (as the train stage does) and score one recipe: val and test accuracy with 1, 5
     and 9 test-time views of the kept epoch's weights; with its model, to be a later recipe's teacher."""
-    params = apply_overrides(defaults(), recipe.overrides + [f"seed={seed}"])
+    params = recipe_params(recipe, seed)
+    used = trained_with(params)
     seed_everything(seed)
-    model = build_model(params.model, **params.model_kwargs())
+    model = build_model(used["model"], **used["kwargs"])
     distill, teacher_pass = None, 0.0
     if recipe.teacher:
         start = time.perf_counter()
@@ -235,7 +243,8 @@ def train_and_score(recipe: Recipe, seed: int, data: dict, norm: Stats,
     trainer = Trainer(model, data["train"], data["val"], params.train, norm.mean, norm.std, seed, CPU, distill)
     seconds = trainer.fit() + teacher_pass
     model.load_state_dict(trainer.best.weights())  # the checkpoint the train stage would write
-    row: dict[str, float | int] = {"seed": seed, "train_seconds": round(seconds, 2), "best_epoch": trainer.best.epoch}
+    row: dict[str, float | int | str] = {"seed": seed, "model": used["model"], "train_seconds": round(seconds, 2),
+                                         "best_epoch": trainer.best.epoch}
     for views in VIEWS:
         model.views = views
         for split in ("val", "test"):
@@ -254,7 +263,7 @@ def summarise(recipe: Recipe, runs: list[dict], params: int) -> dict:
         values = [r[key] for r in runs]
         return {"mean": round(statistics.mean(values), 5), "std": round(statistics.stdev(values), 5)}
 
-    return {"name": recipe.name, "model": recipe.model, "lever": recipe.lever, "overrides": recipe.overrides,
+    return {"name": recipe.name, "model": runs[0]["model"], "lever": recipe.lever, "overrides": recipe.overrides,
             "teacher": recipe.teacher, "distill": list(recipe.distill) if recipe.teacher else None,
             "params": params, "seeds": runs, "train_seconds": stat("train_seconds"),
             **{f"{split}_acc_views{v}": stat(f"{split}_acc_views{v}") for v in VIEWS for split in ("val", "test")}}

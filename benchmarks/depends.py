@@ -1,11 +1,16 @@
 """What each results file measured, and whether that changed since: a figure goes stale only when its inputs did.
 
 A results file names the commit of the code that ran. Its inputs are:
+- the environment: both locks (requirements.txt, requirements-dev.txt), for every results file: a
+  package bumped in either can move any figure;
 - code: the import closure of its script inside this repository (the benchmarks beside it and the
   `mnist_pipeline` modules it imports, found by reading the source, function-level imports included),
   the closure of each console script it runs (`mnist-serve`, …), and, for a benchmark that runs the
   pipeline (`dvc repro`, `dvc exp run`), every stage's deps as dvc.yaml lists them, and dvc.yaml itself;
-- params: the params.yaml keys it reads (all of them when it runs the pipeline);
+  with the files those packages read at run time, as pyproject.toml's package-data declares them for
+  the packages of that code (the page under `serving/static/`, the store's migrations);
+- params: the params.yaml keys it reads (all of them when it runs the pipeline; a stage it runs as a
+  process reads what dvc.yaml declares for it);
 - data: the DVC outputs it reads from the workspace, by their hash in dvc.lock.
 
 It is stale exactly when one of those differs between its commit and HEAD. Why not a DVC pipeline of
@@ -29,13 +34,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PACKAGE = "mnist_pipeline"
+LOCKS = ("requirements.txt", "requirements-dev.txt")
 
 
 @dataclass(frozen=True)
 class Inputs:
     """What a benchmark reads besides its own import closure."""
 
-    params: tuple[str, ...] = ()  # dotted params.yaml keys
+    params: tuple[str, ...] = ()  # dotted params.yaml keys it reads itself (tests/test_depends.py checks them)
     data: tuple[str, ...] = ()  # DVC outputs of the workspace, compared by their dvc.lock hash
     commands: tuple[str, ...] = ()  # console scripts it runs (pyproject's [project.scripts])
     pipeline: bool = False  # runs `dvc repro` / `dvc exp run`: every stage, dvc.yaml, every param
@@ -47,13 +53,10 @@ SCRIPTS = {"sweep_cluster": "benchmarks/bench_sweep.py"}
 PIPELINE = Inputs(pipeline=True)
 INPUTS = {
     # In-process training of params.yaml's recipes on the processed splits.
-    "defaults": Inputs(params=("mlp", "cnn"), data=("data/processed",)),
-    "canonical": Inputs(params=("cnn",), data=("data/processed", "data/raw/mnist")),
+    "defaults": Inputs(params=("model", "mlp", "cnn"), data=("data/processed",)),
     "train": Inputs(params=("mlp", "cnn", "data", "seed"), data=("data/processed", "data/raw/mnist")),
     # The train stage as a process, on the workspace's splits, teacher logits and corrections.
-    "kernels": Inputs(params=("seed", "dataset", "model", "mlp", "cnn", "data", "feedback.repeat"), stages=("train",),
-                      data=("data/processed", "models/teacher", "data/curated/admitted")),
-    "inference": Inputs(commands=("mnist-predict",), data=("models/checkpoint.pt", "data/processed")),
+    "kernels": Inputs(stages=("train",), data=("data/processed", "models/teacher", "data/curated/admitted")),
     # mnist-serve with the committed exported model, posting test digits.
     "serve": Inputs(commands=("mnist-serve",), data=("models/export", "data/processed")),
     # Fresh clones running the pipeline.
@@ -123,11 +126,37 @@ def command_module(command: str, root: Path = ROOT) -> str:
     return module.replace(".", "/") + ".py"
 
 
+def _stages(root: Path) -> dict:
+    return yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+
+
 def pipeline_deps(root: Path = ROOT) -> set[str]:
     """dvc.yaml and the code every stage depends on (its script and the package modules it lists)."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    return {"dvc.yaml"} | {dep for stage in stages.values() for dep in stage.get("deps", [])
+    return {"dvc.yaml"} | {dep for stage in _stages(root).values() for dep in stage.get("deps", [])
                            if dep.endswith(".py")}
+
+
+def package_data(files: Iterable[str], root: Path = ROOT) -> set[str]:
+    """The data files (pyproject.toml's `[tool.setuptools.package-data]`) of the packages that `files` belong to:
+    what their code reads at run time, the page's HTML among them."""
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    folders = {str(Path(f).parent) for f in files}
+    found = set()
+    for package, patterns in declared.items():
+        folder = package.replace(".", "/")
+        if folder in folders:
+            found.update(str(p.relative_to(root)) for pattern in patterns for p in (root / folder).glob(pattern))
+    return found
+
+
+def params_of(name: str, root: Path = ROOT) -> tuple[str, ...]:
+    """The params.yaml keys `name` reads: its own, and what dvc.yaml declares for each stage it runs as a process
+    (`${model}`, the selected model's section, may be either)."""
+    keys = list(inputs_of(name).params)
+    for stage in inputs_of(name).stages:
+        for key in _stages(root)[stage].get("params", []):
+            keys += ["mlp", "cnn"] if key == "${model}" else [key]
+    return tuple(dict.fromkeys(keys))
 
 
 def inputs_of(name: str) -> Inputs:
@@ -141,7 +170,8 @@ def code_of(name: str, root: Path = ROOT) -> set[str]:
              *(f"stages/{stage}.py" for stage in inputs.stages)]
     if inputs.pipeline:
         entry += sorted(pipeline_deps(root))
-    return closure(entry, root)
+    code = closure(entry, root)
+    return code | package_data(code, root) | set(LOCKS)
 
 
 def _at(commit: str, path: str, root: Path) -> str | None:
@@ -160,7 +190,7 @@ def changed_params(name: str, commit: str, root: Path = ROOT) -> list[str]:
     then, now = (yaml.safe_load(_at(rev, "params.yaml", root) or "{}") for rev in (commit, "HEAD"))
     if inputs.pipeline:
         return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-    return [k for k in inputs.params if _key(then, k) != _key(now, k)]
+    return [k for k in params_of(name, root) if _key(then, k) != _key(now, k)]
 
 
 def _lock_hashes(text: str | None) -> dict[str, str]:

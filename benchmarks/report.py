@@ -1,6 +1,6 @@
 """Render the results files into the blocks of README.md, docs/*.md and benchmarks/README.md.
 
-    python benchmarks/report.py            # rewrite every block (and docs/frontier.png)
+    python benchmarks/report.py            # rewrite every block
     python benchmarks/report.py --check    # exit 1 if a block differs from its rendering, or quotes a stale file
 
 A block lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` and is replaced wholesale, so a
@@ -9,7 +9,6 @@ produced it. It is stale when one of its inputs changed since: its code (the imp
 script and of the commands it runs), the params.yaml keys it reads, the DVC outputs it reads
 (depends.py). `--check` fails on a stale file that a block in README.md or docs/ quotes;
 benchmarks/README.md lists every file with its state. It imports neither torch nor the package.
-Archived decision records (benchmarks/archive/) are history: quoted with their commit, never stale.
 """
 
 from __future__ import annotations
@@ -26,10 +25,6 @@ import depends
 from depends import RESULTS, script_of, staleness
 
 ROOT = depends.ROOT
-ARCHIVE = ROOT / "benchmarks" / "archive" / "results"
-FRONTIER_PNG = ROOT / "docs" / "frontier.png"
-GOALS = {"cnn": (0.996, "CNN ≤ 20,000 parameters: ≥ 99.6 % mean test accuracy over seeds 1–5"),
-         "mlp": (0.992, "MLP: ≥ 99.2 % mean over seeds 1–5")}
 DOCUMENTS = ["README.md", "docs", "benchmarks/README.md"]
 
 
@@ -130,6 +125,25 @@ def results() -> str:
                      f"{figures(row)} | {pct(row['val_acc']['mean'])} | "
                      f"{secs(row['total_train_seconds'])}{teacher} |")
     return "\n".join(lines) + "\n"
+
+
+def train_loop() -> str:
+    """docs/architecture.md: the training loop against a tutorial's per-sample DataLoader (bench_train.py)."""
+    r = load("train")
+    if not r:
+        return ""
+    m = r["machine"]
+    lines = [f"| model ({m['cpu']}, {m['cores']} cores) | this loop, s/epoch | tutorial `DataLoader`, s/epoch "
+             "(`num_workers` 0 / 2) | faster | share of the matmul rate |", "|---|---|---|---|---|"]
+    for name, row in r["models"].items():
+        lines.append(f"| {name} ({row['params']:,} params) | {row['project']['seconds_per_epoch']:.2f} | "
+                     f"{row['baseline']['seconds_per_epoch']:.2f} / {row['baseline_workers2']['seconds_per_epoch']:.2f} | "
+                     f"{row['epoch_speedup']}× / {row['epoch_speedup_vs_workers2']}× | "
+                     f"{100 * row['fraction_of_matmul_rate']:.0f} % of {r['matmul_gflops']} GFLOP/s |")
+    return ("Training keeps the split as one uint8 tensor and augments whole batches with one `grid_sample`, "
+            "against torchvision's `datasets.MNIST` through a per-sample `DataLoader` with the same augmentation "
+            "and recipe (`python benchmarks/bench_train.py`, `train.json`; an epoch includes its validation "
+            "pass):\n\n" + "\n".join(lines) + "\n")
 
 
 def records() -> str:
@@ -369,84 +383,6 @@ def store_block() -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both axes (less x, more y), by increasing x."""
-    front, best = [], -1.0
-    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front
-
-
-def frontier_plot(r: dict) -> None:
-    """Test accuracy (mean ± std over the seeds) against training seconds and against parameters."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colours = {"mlp": "tab:blue", "cnn": "tab:orange"}
-    markers = {1: "o", 5: "s", 9: "^"}
-    rows = r["leaderboard"]
-    for ax, key, label in ((axes[0], "train_seconds", "training seconds (mean over seeds, 2-core CPU)"),
-                           (axes[1], "params", "parameters")):
-        for row in rows:
-            acc = row["test_acc"]
-            ax.errorbar(row[key], 100 * acc["mean"], yerr=100 * acc["std"], fmt=markers[row["inference_views"]],
-                        color=colours[row["model"]], alpha=0.85, ms=5, capsize=2)
-        front = pareto([(row[key], 100 * row["test_acc"]["mean"]) for row in rows])
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1,
-                label="Pareto front")
-        for model, (goal, _) in GOALS.items():
-            ax.axhline(100 * goal, color=colours[model], ls="--", lw=0.8, label=f"{model} goal {goal:.1%}")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("test accuracy, % (mean ± std, seeds 1–5)")
-    for model, colour in colours.items():
-        axes[1].plot([], [], "o", color=colour, label=model)
-    for views, marker in markers.items():
-        axes[1].plot([], [], marker, color="grey", label=f"{views} test-time view{'s' * (views > 1)}")
-    axes[1].legend(fontsize=7, loc="center")
-    fig.suptitle("Every recipe tried (benchmarks/results/frontier.json)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(FRONTIER_PNG, dpi=90, metadata={"Software": None})
-    plt.close(fig)
-
-
-def frontier_block(draw: bool = True) -> str:
-    r = load("frontier", ARCHIVE)
-    if not r:
-        return ""
-    m = r["machine"]
-    if draw:
-        frontier_plot(r)
-    by_name = {row["recipe"]: row for row in r["leaderboard"]}
-    lines = [f"An archived decision record (`benchmarks/archive/bench_frontier.py`, `archive/results/frontier.json`, "
-             f"measured at `{r['commit'][:7]}` on a machine with a {m['cores']}-core {m['cpu']}): every recipe at seeds "
-             f"{', '.join(map(str, r['seeds']))}, each a fresh model, beside the recipes of that day "
-             "in the same run; training seconds include "
-             "the per-epoch validation pass; a *views* column is the same trained models scored with that many "
-             "test-time views (`-S <model>.views=N`, inference ×N).", "",
-             "![accuracy against training seconds and parameters](frontier.png)", "",
-             "| recipe | lever | params | training s (× today's) | test, 1 view | 5 views | 9 views | val, 1 view |",
-             "|---|---|---|---|---|---|---|---|"]
-    for recipe in r["recipes"]:
-        row = by_name[recipe["name"]]
-        cells = [f"{100 * recipe[f'test_acc_views{v}']['mean']:.2f} ± {100 * recipe[f'test_acc_views{v}']['std']:.2f}"
-                 for v in (1, 5, 9)]
-        teacher = f" + teacher {secs(row['teacher_seconds'])}" if row["teacher_seconds"] else ""
-        lines.append(f"| `{recipe['name']}` | {recipe['lever']} | {recipe['params']:,} | "
-                     f"{secs(row['train_seconds'])} ({row['time_ratio']}×){teacher} | " + " | ".join(cells)
-                     + f" | {100 * recipe['val_acc_views1']['mean']:.2f} |")
-    chosen = ", ".join(f"{model}: `{name}`" for model, name in r["chosen_on_val"].items())
-    lines += ["", f"Chosen on mean validation accuracy among the rows within their time budget: {chosen}. "
-                  "Those became the record recipes below."]
-    return "\n".join(lines) + "\n"
-
-
 def replace_block(text: str, name: str, body: str) -> str:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if not body or start not in text or end not in text:
@@ -461,11 +397,12 @@ def replace_block(text: str, name: str, body: str) -> str:
 def inputs_text(name: str) -> str:
     """What makes a results file stale, as depends.py reads it."""
     inputs = depends.inputs_of(name)
-    parts = [f"{len(depends.code_of(name))} files of code"]
+    parts = [f"{len(depends.code_of(name))} files of code and data, the locks among them"]
     if inputs.pipeline:
         parts.append("every stage, dvc.yaml and params.yaml")
     parts += [f"`{c}`" for c in inputs.commands]
-    parts += [f"params `{', '.join(inputs.params)}`"] if inputs.params else []
+    params = depends.params_of(name)
+    parts += [f"params `{', '.join(params)}`"] if params and not inputs.pipeline else []
     parts += [f"`{d}`" for d in inputs.data]
     return ", ".join(parts)
 
@@ -485,12 +422,12 @@ def status() -> str:
 
 # block name → (renderer, the results files it quotes)
 BLOCKS: dict[str, tuple[Callable[[], str], list[str]]] = {
-    "frontier": (frontier_block, []),  # archive/results/frontier.json: history
     "headline": (headline, ["defaults", "first_run"]),
     "first-run": (first_run, ["first_run"]),
     "kernels": (kernels_block, ["kernels", "first_run"]),
     "results": (results, ["defaults"]),
     "records": (records, ["defaults"]),
+    "train-loop": (train_loop, ["train"]),
     "serve": (serve, ["serve"]),
     "sweep": (sweep_block, ["sweep_cluster"]),
     "fashion": (fashion, ["fashion_mnist"]),
@@ -522,13 +459,9 @@ def rendered(text: str, renderings: dict[str, str]) -> str:
     return text
 
 
-def render_all(draw: bool) -> dict[str, str]:
-    """Every block's text (a withdrawn block's is empty: its results file may predate its renderer); `draw` also
-    redraws docs/frontier.png."""
-    renderings = {name: "" if name in WITHDRAWN else render() for name, (render, _) in BLOCKS.items()
-                  if name != "frontier"}
-    renderings["frontier"] = frontier_block(draw=draw)
-    return renderings
+def render_all() -> dict[str, str]:
+    """Every block's text (a withdrawn block's is empty: its results file may predate its renderer)."""
+    return {name: "" if name in WITHDRAWN else render() for name, (render, _) in BLOCKS.items()}
 
 
 def unrendered(renderings: dict[str, str]) -> list[Path]:
@@ -559,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 on a stale block or file")
     args = parser.parse_args(argv)
-    renderings = render_all(draw=not args.check)
+    renderings = render_all()
     if args.check:
         problems = check(renderings)
         for problem in problems:

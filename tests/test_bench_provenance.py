@@ -173,3 +173,85 @@ def test_a_dirty_or_unknown_measurement_is_stale(measured):
     repo, result = measured
     assert "uncommitted" in report.staleness("x", {**result, "dirty": True}, repo)
     assert "not in this repository" in report.staleness("x", {"commit": "0" * 40, "dirty": False}, repo)
+
+
+# ---------------------------------------------------------------- what the figures depend on, in this repository
+
+
+def leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def changed(value):
+    """Other values a params leaf could take (the first that validates is used)."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1]
+    if isinstance(value, float):
+        return [value / 2 if value else 0.1]
+    if isinstance(value, str):
+        return [s for s in ("cnn", "mlp", "adam", "cosine", "none", "fashion_mnist", "other") if s != value]
+    if isinstance(value, list) and value:
+        return [[other, *value[1:]] for other in changed(value[0])]
+    return []
+
+
+@pytest.mark.parametrize("name", ["defaults", "train"])
+def test_a_benchmark_reads_exactly_the_params_keys_depends_declares(name):
+    """Each leaf of params.yaml changed in turn: the benchmark's plan (what it trains) moves for a leaf under a
+    declared key, and for no other; each declared key moves it. An undeclared read (`model` was one) fails here."""
+    import copy
+
+    import yaml
+
+    from mnist_pipeline.params import parse_params
+
+    plan = benchmark_module(f"bench_{name}").plan
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    before = plan(parse_params(raw))
+    declared = depends.params_of(name)
+    moved = set()
+    for path, value in leaves(raw):
+        for other in changed(value):
+            edited = copy.deepcopy(raw)
+            node = edited
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = other
+            try:
+                params = parse_params(edited)
+            except Exception:  # not a valid value here: try the next
+                continue
+            if plan(params) != before:
+                moved.add(".".join(path))
+            break
+    undeclared = sorted(p for p in moved if not any(p == d or p.startswith(d + ".") for d in declared))
+    unread = sorted(d for d in declared if not any(p == d or p.startswith(d + ".") for p in moved))
+    assert not undeclared and not unread, f"{name}: reads {undeclared} undeclared; declares {unread} unread"
+
+
+def test_a_lock_bump_makes_every_figure_stale_and_the_page_only_the_servers(tmp_path):
+    """This repository's results files against its own history: after a committed change to a lock every one is
+    stale; after an edit to the page (serving/static/index.html) serve, feedback and store are, nothing else."""
+    repo = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    result = {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}
+    names = sorted(p.stem for p in (repo / "benchmarks" / "results").glob("*.json"))
+    assert {"serve", "feedback", "store", "first_run", "defaults", "kernels"} <= set(names)
+    assert all(report.staleness(n, result, repo) is None for n in names)
+    with (repo / "mnist_pipeline/serving/static/index.html").open("a") as page:
+        page.write("<!-- an edit -->\n")
+    git(repo, "commit", "-qam", "edit the page")
+    assert {n for n in names if report.staleness(n, result, repo)} == {"serve", "feedback", "store"}
+    result = {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}  # measured after the page's edit
+    for lock in ("requirements.txt", "requirements-dev.txt"):
+        text = (repo / lock).read_text()
+        assert "\ntqdm==4.70.1 " in text
+        (repo / lock).write_text(text.replace("\ntqdm==4.70.1 ", "\ntqdm==4.70.2 "))
+    git(repo, "commit", "-qam", "bump a locked package")
+    assert {n: bool(report.staleness(n, result, repo)) for n in names} == dict.fromkeys(names, True)
