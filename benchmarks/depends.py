@@ -139,7 +139,8 @@ def pipeline_deps(root: Path = ROOT) -> set[str]:
 def package_data(files: Iterable[str], root: Path = ROOT) -> set[str]:
     """The data files (pyproject.toml's `[tool.setuptools.package-data]`) of the packages that `files` belong to:
     what their code reads at run time, the page's HTML among them."""
-    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
+    declared = setuptools.get("package-data", {})
     folders = {str(Path(f).parent) for f in files}
     found = set()
     for package, patterns in declared.items():

@@ -113,7 +113,7 @@ def test_the_link_check_catches_a_broken_file_and_anchor(tmp_path):
 def test_every_generated_block_is_what_the_results_files_render():
     """benchmarks/report.py renders each block from a results file; the committed text must be that rendering."""
     report = benchmark_module("report")
-    differing = [str(doc.relative_to(ROOT)) for doc in report.unrendered(report.render_all(draw=False))]
+    differing = [str(doc.relative_to(ROOT)) for doc in report.unrendered(report.render_all())]
     assert not differing, f"run `python benchmarks/report.py`: these differ from their rendering: {differing}"
     used = {name for doc in report.documents() for name in report.blocks_in(doc.read_text())}
     shown = set(report.BLOCKS) - report.WITHDRAWN
