@@ -114,37 +114,43 @@ def test_local_folder_remote_and_run_cache(team):
 
 
 def test_experiments_travel_between_machines(team):
+    """Two machines each pull the baseline, try a learning rate and push it as an experiment; a third compares them
+    and applies one."""
+    rates = {1: 0.05, 2: 0.1}
     answers, accuracy = {}, {}
-    for seed in (1, 2):
-        machine = team.clone(f"exp-{seed}")
-        team.dvc(machine, "exp", "run", "-S", f"seed={seed}", "-n", f"seed-{seed}")
-        accuracy[seed] = json.loads((machine / "metrics/eval.json").read_text())["accuracy"]
-        answers[seed] = team.predict(machine)
-        pushed = team.dvc(machine, "exp", "push", "origin", f"seed-{seed}")
+    for i, lr in rates.items():
+        machine = team.clone(f"exp-{i}")
+        team.dvc(machine, "pull")  # the baseline's outputs: only train, evaluate and export rerun
+        ran = team.dvc(machine, "exp", "run", "-S", f"mlp.train.lr={lr}", "-n", f"lr-{i}").stdout
+        assert "Running stage 'train'" in ran and "Running stage 'preprocess'" not in ran
+        accuracy[i] = json.loads((machine / "metrics/eval.json").read_text())["accuracy"]
+        answers[i] = team.predict(machine)
+        pushed = team.dvc(machine, "exp", "push", "origin", f"lr-{i}")
         assert "Pushed experiment" in pushed.stdout
 
     third = team.clone("exp-compare")
     listed = team.dvc(third, "exp", "list", "origin").stdout
-    assert "seed-1" in listed and "seed-2" in listed
-    for seed in (1, 2):
-        team.dvc(third, "exp", "pull", "origin", f"seed-{seed}")
+    assert "lr-1" in listed and "lr-2" in listed
+    for i in rates:
+        team.dvc(third, "exp", "pull", "origin", f"lr-{i}")
     shown = json.loads(team.dvc(third, "exp", "show", "--json").stdout)
     found = {}
     for rev in shown:
         for exp in rev.get("experiments") or []:
             data = exp["revs"][0]["data"]
-            found[exp.get("name")] = (data["params"]["params.yaml"]["data"]["seed"],
+            found[exp.get("name")] = (data["params"]["params.yaml"]["data"]["mlp"]["train"]["lr"],
                                       data["metrics"]["metrics/eval.json"]["data"]["accuracy"])
-    assert found["seed-1"] == (1, accuracy[1]) and found["seed-2"] == (2, accuracy[2])
-    diff = json.loads(team.dvc(third, "exp", "diff", "seed-1", "seed-2", "--json").stdout)
-    assert diff["params"]["params.yaml"]["seed"] == {"old": 1, "new": 2, "diff": 1}
+    assert found["lr-1"] == (rates[1], accuracy[1]) and found["lr-2"] == (rates[2], accuracy[2])
+    diff = json.loads(team.dvc(third, "exp", "diff", "lr-1", "lr-2", "--json").stdout)
+    changed = diff["params"]["params.yaml"]["mlp.train.lr"]
+    assert (changed["old"], changed["new"]) == (rates[1], rates[2])
     assert diff["metrics"]["metrics/eval.json"]["accuracy"]["old"] == accuracy[1]
     assert diff["metrics"]["metrics/eval.json"]["accuracy"]["new"] == accuracy[2]
 
-    team.dvc(third, "exp", "apply", "seed-2")
+    team.dvc(third, "exp", "apply", "lr-2")
     team.dvc(third, "pull")
     assert team.predict(third) == answers[2]
-    assert yaml.safe_load((third / "params.yaml").read_text())["seed"] == 2
+    assert yaml.safe_load((third / "params.yaml").read_text())["mlp"]["train"]["lr"] == rates[2]
 
 
 @pytest.mark.skipif(GTO is None, reason="gto is not installed")

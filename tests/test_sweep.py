@@ -101,7 +101,8 @@ def clone(team, name: str) -> Path:
 def test_grid_on_two_workers_every_trial_an_experiment_and_a_rerun_runs_none(team, cluster, tmp_path):
     work, repo, env = team
     before = exps_on(work / "origin.git")
-    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.02,0.1", "-S", "seed=1", "--out", str(tmp_path / "a"))
+    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.02,0.1", "-S", "mlp.train.momentum=0.8",
+                   "--out", str(tmp_path / "a"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     trials = summary["trials"]
@@ -128,10 +129,12 @@ def test_grid_on_two_workers_every_trial_an_experiment_and_a_rerun_runs_none(tea
     run([DVC, "exp", "apply", best["experiment"]], fresh, env)
     run([DVC, "pull"], fresh, env)
     params = yaml.safe_load((fresh / "params.yaml").read_text())
-    assert [f"mlp.train.lr={params['mlp']['train']['lr']}", f"seed={params['seed']}"] == sorted(best["overrides"])
+    assert [f"mlp.train.lr={params['mlp']['train']['lr']}", f"mlp.train.momentum={params['mlp']['train']['momentum']}"] \
+        == sorted(best["overrides"])
     assert (fresh / "models" / "checkpoint.pt").stat().st_size > 1000
 
-    again = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.02,0.1", "-S", "seed=1", "--out", str(tmp_path / "b"))
+    again = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.02,0.1", "-S", "mlp.train.momentum=0.8",
+                   "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert (summary["ran"], summary["on_origin"]) == (0, 2), summary
@@ -140,7 +143,7 @@ def test_grid_on_two_workers_every_trial_an_experiment_and_a_rerun_runs_none(tea
 
 def test_optuna_search_records_its_objective_per_trial(team, cluster, tmp_path):
     _, repo, env = team
-    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=tag(log,interval(0.001,0.3))", "-S", "seed=7",
+    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=tag(log,interval(0.001,0.3))", "-S", "mlp.train.momentum=0.7",
                    "--search", "optuna", "--trials", "2", "--concurrent", "2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     trials = json.loads((tmp_path / "summary.json").read_text())["trials"]
@@ -152,7 +155,7 @@ def test_optuna_search_records_its_objective_per_trial(team, cluster, tmp_path):
 
 def test_a_failing_trial_is_its_one_line_and_the_others_go_on(team, cluster, tmp_path):
     work, repo, env = team
-    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.05,1e30", "-S", "seed=21", "--max-failures", "0",
+    result = sweep(cluster, repo, env, "-S", "mlp.train.lr=0.05,1e30", "-S", "mlp.train.momentum=0.75", "--max-failures", "0",
                    "--out", str(tmp_path))
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -172,7 +175,7 @@ def trials_running(cluster: RayCluster) -> int:
 def test_a_node_killed_mid_sweep_still_leaves_every_trial_pushed(team, cluster, tmp_path):
     work, repo, env = team
     victim = len(cluster.nodes) - 1  # the newest worker
-    proc = subprocess.Popen(cluster.inside(SWEEP, "--address", cluster.address, "-S", "seed=11,12",
+    proc = subprocess.Popen(cluster.inside(SWEEP, "--address", cluster.address, "-S", "mlp.train.momentum=0.81,0.82",
                                            "--out", str(tmp_path / "out"), cwd=repo),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
