@@ -16,6 +16,8 @@ it needs `trust_pickle=True`, for files you made yourself.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -37,6 +39,7 @@ MAX_MODEL_BYTES = 256 << 20  # far above any model this pipeline makes; bounds w
 class Model:
     run: Callable[[np.ndarray], np.ndarray]  # float32 N×1×28×28 in [0, 1] → N×10 logits
     classes: list[str]
+    sha256: str = ""  # of the very bytes loaded: which model answered (`/healthz`, every `/predict` answer)
 
     def probabilities(self, digits: np.ndarray) -> np.ndarray:
         """Class probabilities for prepared digits N×28×28 in [0, 1]."""
@@ -51,7 +54,7 @@ def metadata(model: str, classes: list[str], mean: float, std: float) -> dict[st
     return {"model": model, "classes": json.dumps(classes), "mean": repr(mean), "std": repr(std), "input": INPUT_SPEC}
 
 
-def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray], path: Path) -> Model:
+def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray], path: Path, sha256: str) -> Model:
     try:
         classes, mean, std = json.loads(meta["classes"]), float(meta["mean"]), float(meta["std"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -68,7 +71,7 @@ def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray]
         raise ModelFileError(
             f"{path}: made for another input ({meta.get('input')!r}); re-export it with `dvc repro export`"
         )
-    return Model(run, classes)
+    return Model(run, classes, sha256)
 
 
 def _load_onnx(path: Path, threads: int | None) -> Model:
@@ -79,23 +82,29 @@ def _load_onnx(path: Path, threads: int | None) -> Model:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         # Idle pool threads otherwise spin, taking CPU from the request handling around them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    data = path.read_bytes()  # hashed and loaded from the same bytes: a file replaced meanwhile cannot mismatch
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or foreign file
         raise ModelFileError(f"{path}: not a loadable ONNX model: {first_line(exc)}") from None
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise ModelFileError(f"{path}: expected one input, the model has {len(inputs)}")
     name = inputs[0].name
-    return _from_metadata(session.get_modelmeta().custom_metadata_map, lambda x: session.run(None, {name: x})[0], path)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return _from_metadata(session.get_modelmeta().custom_metadata_map, run, path, hashlib.sha256(data).hexdigest())
 
 
 def _load_pt2(path: Path) -> Model:
     import torch  # only this format needs it
 
     extra = {PT2_METADATA: ""}
+    data = path.read_bytes()
     try:
-        module = torch.export.load(str(path), extra_files=extra).module()
+        module = torch.export.load(io.BytesIO(data), extra_files=extra).module()
     except Exception as exc:  # a corrupt archive fails in many ways inside torch
         raise ModelFileError(f"{path}: not a loadable .pt2 model: {first_line(exc)}") from None
 
@@ -107,7 +116,7 @@ def _load_pt2(path: Path) -> Model:
         meta = json.loads(extra[PT2_METADATA] or "{}")
     except ValueError:
         meta = {}
-    return _from_metadata(meta if isinstance(meta, dict) else {}, run, path)
+    return _from_metadata(meta if isinstance(meta, dict) else {}, run, path, hashlib.sha256(data).hexdigest())
 
 
 def load_model(path: Path, trust_pickle: bool = False, threads: int | None = None) -> Model:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -146,13 +147,14 @@ def test_the_rate_limit_answers_429_with_retry_after(exported_models, tmp_path):
 def test_the_rate_buckets_are_shared_through_the_store(tmp_path):
     """Two handles on one store are two workers (or two servers): a client has one bucket between them."""
     first, second = Store(tmp_path / "s"), Store(tmp_path / "s")
-    assert [first.wait("203.0.113.1", 0.001, 2, now=100.0), second.try_wait("203.0.113.1", 0.001, 2, now=100.0)] \
-        == [0.0, 0.0]
-    assert first.wait("203.0.113.1", 0.001, 2, now=100.0) > 0 and second.wait("203.0.113.1", 0.001, 2, now=100.0) > 0
-    assert second.wait("203.0.113.2", 0.001, 2, now=100.0) == 0.0  # another client, its own bucket
+    a, b, c = (first.submitter("client", f"203.0.113.{i}") for i in (1, 2, 3))  # buckets are keyed by pseudonym
+    assert second.submitter("client", "203.0.113.1") == a
+    assert [first.wait(a, 0.001, 2, now=100.0), second.try_wait(a, 0.001, 2, now=100.0)] == [0.0, 0.0]
+    assert first.wait(a, 0.001, 2, now=100.0) > 0 and second.wait(a, 0.001, 2, now=100.0) > 0
+    assert second.wait(b, 0.001, 2, now=100.0) == 0.0  # another client, its own bucket
     # A token comes back every 1/rate seconds, and the wait says when.
-    assert first.wait("203.0.113.3", 1.0, 1, now=0.0) == 0.0 and first.wait("203.0.113.3", 1.0, 1, now=0.25) == 0.75
-    assert first.wait("203.0.113.3", 1.0, 1, now=1.0) == 0.0
+    assert first.wait(c, 1.0, 1, now=0.0) == 0.0 and first.wait(c, 1.0, 1, now=0.25) == 0.75
+    assert first.wait(c, 1.0, 1, now=1.0) == 0.0
     small = Buckets(tmp_path / "small", slots=8)  # bounded: past its slots, the bucket full longest is forgotten
     assert (tmp_path / "small").stat().st_size == 8 * Buckets.SLOT.size
     flooder = "s" + "f" * 15
@@ -182,16 +184,70 @@ def test_two_workers_share_one_rate_bucket_per_client(exported_models, tmp_path)
 @pytest.mark.parametrize("trusted", [False, True])
 def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(exported_models, tmp_path, trusted):
     """The rate bucket and the pseudonym are the peer's unless `--trust-proxy` names the peer: one local
-    client that writes a new X-Forwarded-For on each post stays one client (uvicorn's default trusts it)."""
+    client that writes a new X-Forwarded-For (or a signed-in user) on each post stays one client."""
     args = ["--feedback", str(tmp_path / "s"), "--feedback-rate", "0.001", "--feedback-burst", "2"]
     with served(exported_models[1] / "model.onnx", *args, *(["--trust-proxy", "127.0.0.1"] if trusted else [])) \
             as (_, url):
-        statuses = [send(url, headers={"X-Forwarded-For": f"203.0.113.{i}"})[0] for i in range(3)]
+        statuses = [send(url, headers={"X-Forwarded-For": f"203.0.113.{i}", "X-Forwarded-User": f"u{i}"})[0]
+                    for i in range(3)]
     submitters = {r.submitter for r in stored(tmp_path / "s").values()}
-    if trusted:  # the proxy vouches for three clients
+    if trusted:  # the proxy vouches for three signed-in users
         assert statuses == [201, 201, 201] and len(submitters) == 3
+        assert submitters == {Store(tmp_path / "s").submitter("user", f"u{i}") for i in range(3)}
     else:
-        assert statuses == [201, 201, 429] and len(submitters) == 1
+        assert statuses == [201, 201, 429] and submitters == {Store(tmp_path / "s").submitter("client", "127.0.0.1")}
+
+
+@pytest.mark.slow
+def test_an_ipv6_64_is_one_anonymous_submitter_and_another_64_another(exported_models, tmp_path):
+    """Privacy addresses of one host (any address of its /64) share one pseudonym and one rate bucket."""
+    args = ["--feedback", str(tmp_path / "s"), "--feedback-rate", "0.001", "--feedback-burst", "2",
+            "--trust-proxy", "127.0.0.1"]
+    with served(exported_models[1] / "model.onnx", *args) as (_, url):
+        same = [send(url, headers={"X-Forwarded-For": f"2001:db8:0:7:{i:x}::{i + 1:x}"})[0] for i in range(3)]
+        other = send(url, headers={"X-Forwarded-For": "2001:db8:0:8::1"})[0]
+        mapped = send(url, headers={"X-Forwarded-For": "::ffff:198.51.100.9"})[0]
+    assert same == [201, 201, 429] and other == 201 and mapped == 201
+    store = Store(tmp_path / "s")
+    assert {r.submitter for r in stored(tmp_path / "s").values()} == {
+        store.submitter("client", "2001:db8:0:7::/64"), store.submitter("client", "2001:db8:0:8::/64"),
+        store.submitter("client", "198.51.100.9")}
+
+
+@pytest.mark.slow
+def test_with_tokens_a_submitter_is_its_tokens_name_and_no_token_is_401_unread(exported_models, tmp_path):
+    from mnist_pipeline.feedback import cli
+
+    tokens = tmp_path / "tokens"
+    alice = cli.add_token(tokens, "alice")
+    bob = cli.add_token(tokens, "bob")
+    assert alice not in tokens.read_text() and len(tokens.read_text().splitlines()) == 2  # hashes only
+    args = ["--feedback", str(tmp_path / "s"), "--tokens", str(tokens), "--trust-proxy", "10.0.0.0/8"]
+    with served(exported_models[1] / "model.onnx", *args) as (_, url):
+        assert send(url, headers={"Authorization": f"Bearer {alice}"})[0] == 201
+        assert send(url, headers={"Authorization": f"bearer {bob}"})[0] == 201
+        # From an untrusted peer a user header is anyone's to write: no token, no correction.
+        for headers in ({}, {"Authorization": f"Bearer {alice}x"}, {"Authorization": alice},
+                        {"X-Forwarded-User": "mallory"}):
+            status, answer, body = send(url, headers=headers)
+            assert status == 401 and answer["WWW-Authenticate"] == "Bearer", (headers, body)
+        # Refused before the body is read: headers promising 1 MB (under the limit), and not a byte of it sent.
+        host, port = url.removeprefix("http://").rstrip("/").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /feedback HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 1048576\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 401")
+    store = Store(tmp_path / "s")
+    assert sorted(r.submitter for r in stored(tmp_path / "s").values()) == \
+        sorted(store.submitter("token", name) for name in ("alice", "bob"))
+
+
+def test_a_damaged_tokens_file_stops_the_server_with_its_line(exported_models, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice sha256:" + "0" * 64 + "\nbob password123\n")
+    result = subprocess.run([str(BIN / "mnist-serve"), "--model", str(exported_models[1] / "model.onnx"), "--feedback",
+                             str(tmp_path / "s"), "--tokens", str(tokens)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "line 2: expected `NAME sha256:<64 hex digits>`" in result.stderr
 
 
 @pytest.mark.slow

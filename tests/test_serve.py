@@ -6,6 +6,7 @@ tests/test_real_data.py drives the page with the trained model and checks the di
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -57,10 +58,12 @@ def get(url: str) -> tuple[int, str, bytes]:
         return response.status, response.headers["Content-Type"], response.read()
 
 
-def test_health_model_card_and_offline_page(server):
+def test_health_model_card_and_offline_page(server, exported_models):
     _, url = server
     status, kind, body = get(url + "/healthz")
     assert status == 200 and kind == "application/json" and json.loads(body)["status"] == "ok"
+    served_sha = hashlib.sha256((exported_models[1] / "model.onnx").read_bytes()).hexdigest()
+    assert json.loads(body)["model_sha256"] == served_sha  # the ONNX file that answers
     assert json.loads(get(url + "/model")[2]) == CARD
     status, kind, page = get(url + "/")
     assert status == 200 and kind.startswith("text/html")
@@ -72,7 +75,8 @@ def test_health_model_card_and_offline_page(server):
 def test_predict_one_file(server):
     status, answer = post(server[1], [("file", "seven.png", "image/png", GOOD)])
     assert status == 200
-    assert set(answer) >= {"digit", "label", "probabilities", "input", "file"}
+    assert set(answer) >= {"digit", "label", "probabilities", "input", "file", "model_sha256"}
+    assert answer["model_sha256"] == json.loads(get(server[1] + "/healthz")[2])["model_sha256"]  # names who answered
     assert isinstance(answer["digit"], int) and answer["label"] == str(answer["digit"])
     assert len(answer["probabilities"]) == 10 and sum(answer["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert answer["digit"] == int(np.argmax(answer["probabilities"]))

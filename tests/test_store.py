@@ -178,13 +178,13 @@ def test_a_stuck_lock_holder_costs_one_waiting_thread_at_most(tmp_path, monkeypa
         with pytest.raises(StoreUnavailable):
             store.append([record(i)])
         with pytest.raises(StoreUnavailable):
-            store.wait(f"203.0.113.{i}", 1.0, 1)
+            store.wait(store.submitter("client", f"203.0.113.{i}"), 1.0, 1)
     assert threading.active_count() <= threads + 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
     for fd in holders:
         os.close(fd)
     kept = record(99)
     store.append([kept])  # the holder gone, writes go on
-    assert list(stored(tmp_path / "s")) == [kept.id] and store.wait("203.0.113.1", 1.0, 1) == 0.0
+    assert list(stored(tmp_path / "s")) == [kept.id] and store.wait(store.submitter("client", "203.0.113.1"), 1.0, 1) == 0.0
 
 
 def test_the_store_is_its_owners_only_it_holds_the_salt(tmp_path):

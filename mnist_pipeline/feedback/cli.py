@@ -26,6 +26,7 @@ import csv
 import getpass
 import json
 import re
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,8 @@ from mnist_pipeline.feedback.records import (
     shards,
 )
 from mnist_pipeline.feedback.store import COUNT, DEFAULT_STORE, INSERT, Store, failure, row
+from mnist_pipeline.fileio import write_bytes
+from mnist_pipeline.serving.identity import TOKEN_LINE, TokensError, load_tokens, token_hash
 
 DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
 MAX_ROWS = 1_000_000  # rows of one CSV import
@@ -351,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     way = salt.add_mutually_exclusive_group(required=True)
     way.add_argument("--export", type=Path, metavar="FILE", help="write this store's salt to FILE (0600)")
     way.add_argument("--import", dest="load", type=Path, metavar="FILE", help="key this new store with FILE's salt")
+    tok = sub.add_parser("token", help="make an API token for `mnist-serve --tokens FILE` (FILE keeps its hash)")
+    tok.add_argument("name", help="the submitter its corrections are from")
+    tok.add_argument("--file", type=Path, required=True, help="the tokens file to add it to (made if missing)")
     rev = sub.add_parser("review", help="accept or reject quarantined corrections")
     rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
     rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
@@ -359,8 +365,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_token(path: Path, name: str) -> str:
+    """A new random token for `name`, its hash appended to the tokens file (the token itself is stored nowhere)."""
+    if not TOKEN_LINE.match(f"{name} sha256:{'0' * 64}"):
+        raise TokensError(f"{name!r}: a token's name is 1 to 256 characters without spaces")
+    known = path.read_text() if path.exists() else ""
+    if known:
+        load_tokens(path)  # a damaged file is refused, not extended
+    token = secrets.token_urlsafe(32)
+    write_bytes(
+        path,
+        (known + ("" if not known or known.endswith("\n") else "\n") + f"{name} sha256:{token_hash(token)}\n").encode(),
+    )
+    return token
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        try:
+            token = add_token(args.file, args.name)
+        except (TokensError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.file}: a token for {args.name!r}; it is shown once: the file keeps its hash", file=sys.stderr)
+        print(token)
+        return 0
     try:
         # Reading opens the store read-only, unchecked: what a damaged store still holds can be exported.
         reading = args.command in ("status", "export")

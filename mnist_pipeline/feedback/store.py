@@ -459,23 +459,23 @@ class Store:
         except OSError as exc:
             raise StoreUnavailable(f"{self.where}: {exc.strerror or exc}") from None
 
-    def _bucket(self, client: str, rate: float, burst: int) -> tuple[str, float, float]:
+    def _bucket(self, rate: float, burst: int) -> tuple[float, float]:
         interval = 1.0 / rate
-        return self.submitter("client", client), interval, (burst - 1) * interval
+        return interval, (burst - 1) * interval
 
-    def try_wait(self, client: str, rate: float, burst: int, now: float | None = None) -> float | None:
+    def try_wait(self, submitter: str, rate: float, burst: int, now: float | None = None) -> float | None:
         """`wait` for a SQLite store's mapped table when no other process holds it (microseconds: the event
         loop calls it), else None (then `wait`, off the loop)."""
         if self.buckets is None:
             return None
-        key, interval, tolerance = self._bucket(client, rate, burst)
-        return self.buckets.wait(key, time.time() if now is None else now, interval, tolerance, 0.0)
+        interval, tolerance = self._bucket(rate, burst)
+        return self.buckets.wait(submitter, time.time() if now is None else now, interval, tolerance, 0.0)
 
-    def wait(self, client: str, rate: float, burst: int, now: float | None = None) -> float:
-        """0 and a token taken if `client` may send one more, else the seconds until it may: one bucket per
-        client for every worker and server of this store (a token bucket as GCRA: a bucket is the time it is
-        full again)."""
-        key, interval, tolerance = self._bucket(client, rate, burst)
+    def wait(self, submitter: str, rate: float, burst: int, now: float | None = None) -> float:
+        """0 and a token taken if `submitter` (a pseudonym) may send one more, else the seconds until it may: one
+        bucket per submitter for every worker and server of this store (a token bucket as GCRA: a bucket is the
+        time it is full again)."""
+        key, (interval, tolerance) = submitter, self._bucket(rate, burst)
         if self.buckets is not None:
             found = self.buckets.wait(key, time.time() if now is None else now, interval, tolerance, BUCKET_WAIT_S)
             if found is None:

@@ -50,6 +50,7 @@ from starlette.routing import Route
 
 from mnist_pipeline.exported import Model, load_model
 from mnist_pipeline.serving.collect import Collector, read_feedback
+from mnist_pipeline.serving.identity import Identities, load_tokens
 from mnist_pipeline.serving.settings import WEB_MAX_PIXELS, Settings, from_env
 from mnist_pipeline.serving.uploads import (
     NO_FILE,
@@ -109,6 +110,7 @@ def answer(model: Model, files: list[Upload], max_pixels: int) -> tuple[int, byt
                 label=model.classes[best],
                 probabilities=[round(float(p), 6) for p in probs],
                 input=png_data_url(digits[i]),
+                model_sha256=model.sha256,
             )
     if len(entries) == 1:
         entry = entries[0]
@@ -140,7 +142,9 @@ class Service:
         self.model = load_model(model_path, threads=1)
         self.card = model_card(model_path, self.model.classes)
         self.page = PAGE.read_bytes()
-        self.collector = Collector(settings, model_path) if settings.feedback else None
+        self.collector = Collector(settings) if settings.feedback else None
+        tokens = load_tokens(Path(settings.tokens)) if settings.tokens else None
+        self.identities = Identities(settings.trust_proxy, tokens)
         if self.collector is not None:  # the page shows its correction buttons
             self.page = self.page.replace(b"<body>", b'<body data-feedback="1">', 1)
         self.pool = ThreadPoolExecutor(settings.threads or cores(), thread_name_prefix="predict")
@@ -154,6 +158,7 @@ class Service:
             {
                 "status": "ok",
                 "model": self.card.get("model"),
+                "model_sha256": self.model.sha256,  # the ONNX file that answers, as loaded
                 "classes": len(self.model.classes),
                 "admitted": self.admitted,
                 "feedback": self.collector is not None,
@@ -209,8 +214,12 @@ class Service:
     async def collected(self, request: Request) -> Response:
         collector = self.collector
         assert collector is not None
-        client = request.client.host if request.client else "unknown"
-        refused = await collector.admitted(client)
+        # Who sent it is decided from the peer and the headers, before any of the body is read.
+        who = self.identities.of(request.client.host if request.client else "unknown", request.headers)
+        if isinstance(who, str):
+            return error(401, who, {"WWW-Authenticate": "Bearer"})
+        submitter = collector.submitter(who)
+        refused = await collector.admitted(submitter)
         if refused is not None:
             return refused
         parsed = await read_feedback(request, self.settings.max_upload)
@@ -219,7 +228,7 @@ class Service:
         upload, label = parsed
         loop = asyncio.get_running_loop()
         record = await loop.run_in_executor(
-            self.pool, collector.scored, self.model, upload, label, client, self.settings.max_pixels
+            self.pool, collector.scored, self.model, upload, label, submitter, self.settings.max_pixels
         )
         if isinstance(record, Response):
             return record

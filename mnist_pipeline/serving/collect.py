@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +19,7 @@ from starlette.responses import Response
 from mnist_pipeline.exported import Model
 from mnist_pipeline.feedback.records import Record, correction
 from mnist_pipeline.feedback.store import Store, StoreError, StoreFull, StoreUnavailable, Writer
-from mnist_pipeline.fileio import sha256_file
+from mnist_pipeline.serving.identity import Identity
 from mnist_pipeline.serving.settings import Settings
 from mnist_pipeline.serving.uploads import NO_FILE, Upload, as_upload, bounded_form, compact_json, error, prepared
 
@@ -67,43 +66,46 @@ def refusal(exc: StoreError) -> Response:
 
 
 class Collector:
-    """POST /feedback: one worker's store handle, group-commit writer and model identity."""
+    """POST /feedback: one worker's store handle and group-commit writer."""
 
-    def __init__(self, settings: Settings, model_path: Path) -> None:
+    def __init__(self, settings: Settings) -> None:
         assert settings.feedback is not None
         # The command opened (and checked) the store before the workers: a worker only connects.
         self.store = Store(settings.feedback, settings.feedback_max_bytes, settings.feedback_min_free, check=False)
         self.writer = Writer(self.store)
         self.rate, self.burst = settings.feedback_rate, settings.feedback_burst
-        self.model_id = sha256_file(model_path)
         # The rate decision waits on the database, not the CPU: a pool of its own keeps the CPU pool busy.
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="feedback-io")
 
-    async def admitted(self, client: str) -> Response | None:
-        """None if `client` may send one more correction now; else the 429 (or the store's refusal)."""
+    def submitter(self, who: Identity) -> str:
+        """The pseudonym of a request's submitter (identity.py decides who that is)."""
+        return self.store.submitter(who.kind, who.name)
+
+    async def admitted(self, submitter: str) -> Response | None:
+        """None if `submitter` may send one more correction now; else the 429 (or the store's refusal)."""
         try:
             # A SQLite store's mapped table decides in microseconds, on the loop, unless another process holds it.
-            wait = self.store.try_wait(client, self.rate, self.burst)
+            wait = self.store.try_wait(submitter, self.rate, self.burst)
             if wait is None:
                 wait = await asyncio.get_running_loop().run_in_executor(
-                    self.io, self.store.wait, client, self.rate, self.burst
+                    self.io, self.store.wait, submitter, self.rate, self.burst
                 )
         except StoreError as exc:
             return refusal(exc)
         if not wait:
             return None
-        response = error(429, f"too many corrections from this client; retry in {math.ceil(wait)} s")
+        response = error(429, f"too many corrections from this submitter; retry in {math.ceil(wait)} s")
         response.headers["Retry-After"] = str(math.ceil(wait))
         return response
 
-    def scored(self, model: Model, upload: Upload, label: int, client: str, max_pixels: int) -> Record | Response:
+    def scored(self, model: Model, upload: Upload, label: int, submitter: str, max_pixels: int) -> Record | Response:
         """The correction to record, or the refusal: CPU work, run in the worker's pool."""
         entry, kind, data = upload
         digit = prepared(entry, kind, data, max_pixels)
         if digit is None:
             return error(entry["status"], entry["error"])
         probs = model.probabilities(digit[None])[0]
-        return correction(digit, label, probs, self.model_id, self.store.submitter("client", client), "web", data, kind)
+        return correction(digit, label, probs, model.sha256, submitter, "web", data, kind)
 
     async def commit(self, record: Record) -> Response:
         """201 once the transaction holding `record` has committed durably; else the store's refusal."""

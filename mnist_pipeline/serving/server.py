@@ -27,6 +27,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from mnist_pipeline.errors import ModelFileError, PipelineError
+from mnist_pipeline.serving.identity import load_tokens
 from mnist_pipeline.serving.settings import (
     DEFAULT_FEEDBACK_BURST,
     DEFAULT_FEEDBACK_MAX_BYTES,
@@ -126,9 +127,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="ADDR",
-        help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client, for the rate limit "
-        "and the submitter's pseudonym; without it the peer's address is the client and forwarding headers are "
-        "ignored, since any client can write them",
+        help="reverse proxies (addresses or networks) whose headers are believed: a signed-in user "
+        "(X-Forwarded-User, X-Auth-Request-User) is the submitter, else X-Forwarded-For names the client; without "
+        "it the peer's address is the client and those headers are ignored, since any client can write them",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="API tokens (`mnist-feedback token NAME --file FILE` adds one): POST /feedback then needs a user "
+        "signed in by a trusted proxy or `Authorization: Bearer TOKEN`, whose name is the submitter; 401 otherwise",
     )
     args = parser.parse_args(argv)
     for proxy in args.trust_proxy:
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         feedback_burst=args.feedback_burst,
         feedback_max_bytes=int(args.feedback_max_mb * 2**20),
         feedback_min_free=int(args.feedback_reserve_mb * 2**20),
+        trust_proxy=tuple(args.trust_proxy),
+        tokens=str(args.tokens.resolve()) if args.tokens else None,
     )
     try:
         if args.feedback:
@@ -172,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             # Made, migrated and checked here, once, before any worker: a store it cannot use stops it now.
             store = Store(args.feedback, settings.feedback_max_bytes, settings.feedback_min_free)
             store.close()
+        if args.tokens:
+            load_tokens(args.tokens)  # a bad file stops the command, with its line, before any worker starts
         if args.workers == 1:
             from mnist_pipeline.serving.app import create_app
 
@@ -198,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         "access_log": False,
         "lifespan": "off",
         "timeout_graceful_shutdown": 5,
-        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: a local client could be any submitter.
-        "proxy_headers": bool(args.trust_proxy),
-        "forwarded_allow_ips": args.trust_proxy or None,
+        # identity.py reads the forwarding headers, knowing the peer; uvicorn's own reading would hide it (and
+        # believes X-Forwarded-For from 127.0.0.1 by default: a local client could be any submitter).
+        "proxy_headers": False,
     }
     try:
         if args.workers == 1:

@@ -50,6 +50,8 @@ class Settings:
     feedback_burst: int = DEFAULT_FEEDBACK_BURST
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES
     feedback_min_free: int = DEFAULT_FEEDBACK_MIN_FREE  # a SQLite store refuses past this much free disk
+    trust_proxy: tuple[str, ...] = ()  # proxies whose X-Forwarded-For and signed-in user headers are believed
+    tokens: str | None = None  # a file of hashed API tokens: POST /feedback then needs a signed-in user or one
 
 
 def to_env(model_path: Path, settings: Settings) -> str:
@@ -58,4 +60,5 @@ def to_env(model_path: Path, settings: Settings) -> str:
 
 def from_env() -> tuple[Path, Settings]:
     values = json.loads(os.environ[SETTINGS_ENV])
+    values["trust_proxy"] = tuple(values["trust_proxy"])
     return Path(values.pop("model_path")), Settings(**values)
