@@ -1,12 +1,14 @@
 import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
 
 # isort: split
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from helpers import DVC, TINY, copy_baseline, run, tiny_repo
 from mnist_pipeline import export, exported
@@ -41,18 +43,28 @@ def exported_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_baseline(tmp_path_factory):
+def tiny_baseline(tmp_path_factory, worker_id):
     """The tiny pipeline (helpers.TINY) reproduced once per test run with the real `dvc` and committed as
-    "baseline: mlp": (repo, env, the first `dvc repro`'s stdout). No test changes it: each works on a copy
+    "baseline: mlp": (repo, env, the first `dvc repro`'s stdout). The first xdist worker to need it builds it
+    under a lock in the run's shared temp folder, the other reads it. No test changes it: each works on a copy
     (`tiny_project`) or a clone, so any order and `-k` work."""
     if DVC is None:
         pytest.skip("dvc is not installed")
-    repo, env = tiny_repo(tmp_path_factory.mktemp("baseline"), TINY)
-    run(["git", "commit", "-qam", "tiny params"], repo, env)
-    repro = run([DVC, "repro"], repo, env).stdout
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "baseline: mlp"], repo, env)
-    return repo, env, repro
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker_id != "master" else shared
+    built = shared / "tiny-baseline.json"
+    with FileLock(str(shared / "tiny-baseline.lock")):
+        if not built.exists():
+            folder = shared / "tiny-baseline"
+            folder.mkdir()
+            repo, env = tiny_repo(folder, TINY)
+            run(["git", "commit", "-qam", "tiny params"], repo, env)
+            repro = run([DVC, "repro"], repo, env).stdout
+            run(["git", "add", "-A"], repo, env)
+            run(["git", "commit", "-qm", "baseline: mlp"], repo, env)
+            built.write_text(json.dumps({"repo": str(repo), "env": env, "repro": repro}))
+        saved = json.loads(built.read_text())
+    return Path(saved["repo"]), saved["env"], saved["repro"]
 
 
 @pytest.fixture
@@ -64,7 +76,7 @@ def tiny_project(tiny_baseline, tmp_path):
 # The longest modules first (their time in `pytest --durations=0`), so that with `-n 2 --dist loadfile` the
 # sweep's Ray cluster starts at once and the rest fills the other worker meanwhile.
 LONGEST_FIRST = [
-    "test_sweep.py", "test_portable.py", "test_pipeline_e2e.py", "test_share.py", "test_feedback.py", "test_resume.py",
+    "test_sweep.py", "test_pipeline_e2e.py", "test_share.py", "test_portable.py", "test_feedback.py", "test_resume.py",
 ]
 
 
