@@ -74,6 +74,13 @@ def _from_metadata(meta: dict[str, str], run: Callable[[np.ndarray], np.ndarray]
     return Model(run, classes, sha256)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def _load_onnx(path: Path, threads: int | None) -> Model:
     import onnxruntime as ort
 
@@ -82,7 +89,7 @@ def _load_onnx(path: Path, threads: int | None) -> Model:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         # Idle pool threads otherwise spin, taking CPU from the request handling around them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    data = path.read_bytes()  # hashed and loaded from the same bytes: a file replaced meanwhile cannot mismatch
+    data = _read(path)  # hashed and loaded from the same bytes: a file replaced meanwhile cannot mismatch
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or foreign file
@@ -102,7 +109,7 @@ def _load_pt2(path: Path) -> Model:
     import torch  # only this format needs it
 
     extra = {PT2_METADATA: ""}
-    data = path.read_bytes()
+    data = _read(path)
     try:
         module = torch.export.load(io.BytesIO(data), extra_files=extra).module()
     except Exception as exc:  # a corrupt archive fails in many ways inside torch

@@ -3,6 +3,7 @@ import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kern
 # isort: split
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def exported_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_baseline(tmp_path_factory, worker_id):
+def tiny_baseline(tmp_path_factory):
     """The tiny pipeline (helpers.TINY) reproduced once per test run with the real `dvc` and committed as
     "baseline: mlp": (repo, env, the first `dvc repro`'s stdout). The first xdist worker to need it builds it
     under a lock in the run's shared temp folder, the other reads it. No test changes it: each works on a copy
@@ -51,11 +52,12 @@ def tiny_baseline(tmp_path_factory, worker_id):
     if DVC is None:
         pytest.skip("dvc is not installed")
     shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if worker_id != "master" else shared
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
     built = shared / "tiny-baseline.json"
     with FileLock(str(shared / "tiny-baseline.lock")):
         if not built.exists():
             folder = shared / "tiny-baseline"
+            shutil.rmtree(folder, ignore_errors=True)  # a worker whose build failed left it half made
             folder.mkdir()
             repo, env = tiny_repo(folder, TINY)
             run(["git", "commit", "-qam", "tiny params"], repo, env)
@@ -76,7 +78,7 @@ def tiny_project(tiny_baseline, tmp_path):
 # The longest modules first (their time in `pytest --durations=0`), so that with `-n 2 --dist loadfile` the
 # sweep's Ray cluster starts at once and the rest fills the other worker meanwhile.
 LONGEST_FIRST = [
-    "test_sweep.py", "test_pipeline_e2e.py", "test_share.py", "test_portable.py", "test_feedback.py", "test_resume.py",
+    "test_sweep.py", "test_portable.py", "test_pipeline_e2e.py", "test_share.py", "test_feedback.py", "test_resume.py",
 ]
 
 

@@ -251,10 +251,10 @@ def test_a_lock_bump_makes_every_figure_stale_and_the_page_only_the_servers(tmp_
         page.write("<!-- an edit -->\n")
     git(repo, "commit", "-qam", "edit the page")
     assert {n for n in names if report.staleness(n, result, repo)} == {"serve", "feedback", "store"}
-    result = {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}  # measured after the page's edit
-    for lock in ("requirements.txt", "requirements-dev.txt"):
+    for lock in ("requirements.txt", "requirements-dev.txt"):  # each lock on its own makes every figure stale
+        result = {"commit": git(repo, "rev-parse", "HEAD"), "dirty": False}  # measured just before the bump
         text = (repo / lock).read_text()
         assert "\ntqdm==4.70.1 " in text
         (repo / lock).write_text(text.replace("\ntqdm==4.70.1 ", "\ntqdm==4.70.2 "))
-    git(repo, "commit", "-qam", "bump a locked package")
-    assert {n: bool(report.staleness(n, result, repo)) for n in names} == dict.fromkeys(names, True)
+        git(repo, "commit", "-qam", f"bump a package in {lock}")
+        assert {n: bool(report.staleness(n, result, repo)) for n in names} == dict.fromkeys(names, True), lock

@@ -186,8 +186,8 @@ def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(exported_m
     """The rate bucket and the pseudonym are the peer's unless `--trust-proxy` names the peer: one local
     client that writes a new X-Forwarded-For (or a signed-in user) on each post stays one client."""
     args = ["--feedback", str(tmp_path / "s"), "--feedback-rate", "0.001", "--feedback-burst", "2"]
-    with served(exported_models[1] / "model.onnx", *args, *(["--trust-proxy", "127.0.0.1"] if trusted else [])) \
-            as (_, url):
+    proxy = ["--trust-proxy", "127.0.0.1", "--user-header", "X-Forwarded-User"] if trusted else []
+    with served(exported_models[1] / "model.onnx", *args, *proxy) as (_, url):
         statuses = [send(url, headers={"X-Forwarded-For": f"203.0.113.{i}", "X-Forwarded-User": f"u{i}"})[0]
                     for i in range(3)]
     submitters = {r.submitter for r in stored(tmp_path / "s").values()}
@@ -240,6 +240,33 @@ def test_with_tokens_a_submitter_is_its_tokens_name_and_no_token_is_401_unread(e
     store = Store(tmp_path / "s")
     assert sorted(r.submitter for r in stored(tmp_path / "s").values()) == \
         sorted(store.submitter("token", name) for name in ("alice", "bob"))
+
+
+def test_identities_believe_only_trusted_proxies_and_refuse_ambiguity():
+    """identity.py on Starlette's own headers: a user header only from a trusted proxy and only the one named; a
+    user header twice is refused; X-Forwarded-For over several lines is read as one list, the nearest last; a
+    dual-stack socket's IPv4-mapped peer is its IPv4 address."""
+    from starlette.datastructures import Headers
+
+    from mnist_pipeline.serving.identity import Identities, Identity
+
+    def headers(*pairs: tuple[str, str]) -> Headers:
+        return Headers(raw=[(k.lower().encode(), v.encode()) for k, v in pairs])
+
+    both = Identities(["10.0.0.0/8"], user_header="X-Forwarded-User")
+    assert both.of("10.0.0.1", headers(("X-Forwarded-User", "ann"))) == Identity("user", "ann")
+    assert both.of("203.0.113.5", headers(("X-Forwarded-User", "ann"))) == Identity("client", "203.0.113.5")
+    assert both.of("10.0.0.1", headers(("X-Auth-Request-User", "ann"), ("X-Forwarded-For", "203.0.113.7"))) == \
+        Identity("client", "203.0.113.7")  # not the header it was told to believe
+    assert isinstance(both.of("10.0.0.1", headers(("X-Forwarded-User", "ann"), ("X-Forwarded-User", "bob"))), str)
+    assert Identities(["10.0.0.0/8"]).of("10.0.0.1", headers(("X-Forwarded-User", "ann"))) == \
+        Identity("client", "10.0.0.1")  # no --user-header: no user believed
+    forged = headers(("X-Forwarded-For", "198.51.100.66"), ("X-Forwarded-For", "203.0.113.8"))  # the proxy's line last
+    assert both.of("10.0.0.1", forged) == Identity("client", "203.0.113.8")
+    assert both.of("::ffff:10.0.0.1", headers(("X-Forwarded-For", "203.0.113.9"))) == Identity("client", "203.0.113.9")
+    tokens = Identities([], tokens={"0" * 64: "x"})
+    assert isinstance(tokens.of("203.0.113.5", headers(("Authorization", "Bearer a"), ("Authorization", "Bearer b"))),
+                      str)
 
 
 def test_a_damaged_tokens_file_stops_the_server_with_its_line(exported_models, tmp_path):

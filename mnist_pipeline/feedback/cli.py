@@ -23,10 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import getpass
 import json
+import os
 import re
 import secrets
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,11 +100,10 @@ def items_from(path: Path, submitter: str) -> tuple[list[Item], list[str]]:
 def record_items(store: Store, model_path: Path, items: list[Item]) -> tuple[int, list[str]]:
     """Prepare, score (one batched call per chunk) and append each item: (recorded, error lines)."""
     from mnist_pipeline.exported import load_model
-    from mnist_pipeline.fileio import sha256_file
     from mnist_pipeline.images import ImageError, prepare, read_bounded
 
     model = load_model(model_path)
-    identity = sha256_file(model_path)
+    identity = model.sha256  # of the bytes that score these
     recorded, errors = 0, []
     for start in range(0, len(items), 512):
         chunk, ready = items[start : start + 512], []
@@ -366,17 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_token(path: Path, name: str) -> str:
-    """A new random token for `name`, its hash appended to the tokens file (the token itself is stored nowhere)."""
+    """A new random token for `name`, its hash appended to the tokens file (the token itself is stored nowhere).
+    One writer at a time (a lock file beside it); the file keeps its mode; a damaged file is refused, not extended."""
     if not TOKEN_LINE.match(f"{name} sha256:{'0' * 64}"):
-        raise TokensError(f"{name!r}: a token's name is 1 to 256 characters without spaces")
-    known = path.read_text() if path.exists() else ""
-    if known:
-        load_tokens(path)  # a damaged file is refused, not extended
-    token = secrets.token_urlsafe(32)
-    write_bytes(
-        path,
-        (known + ("" if not known or known.endswith("\n") else "\n") + f"{name} sha256:{token_hash(token)}\n").encode(),
-    )
+        raise TokensError(f"{name!r}: a token's name is 1 to 256 characters, no spaces, not starting with #")
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known, mode = "", 0o644
+        if path.exists():
+            load_tokens(path)
+            known, mode = path.read_text(), stat.S_IMODE(path.stat().st_mode)
+        token = secrets.token_urlsafe(32)
+        line = f"{name} sha256:{token_hash(token)}\n"
+        write_bytes(path, (known + ("\n" if known and not known.endswith("\n") else "") + line).encode())
+        if known:
+            os.chmod(path, mode)
     return token
 
 

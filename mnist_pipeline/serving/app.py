@@ -144,7 +144,7 @@ class Service:
         self.page = PAGE.read_bytes()
         self.collector = Collector(settings) if settings.feedback else None
         tokens = load_tokens(Path(settings.tokens)) if settings.tokens else None
-        self.identities = Identities(settings.trust_proxy, tokens)
+        self.identities = Identities(settings.trust_proxy, tokens, settings.user_header)
         if self.collector is not None:  # the page shows its correction buttons
             self.page = self.page.replace(b"<body>", b'<body data-feedback="1">', 1)
         self.pool = ThreadPoolExecutor(settings.threads or cores(), thread_name_prefix="predict")

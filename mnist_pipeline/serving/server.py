@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from mnist_pipeline.errors import ModelFileError, PipelineError
-from mnist_pipeline.serving.identity import load_tokens
+from mnist_pipeline.serving.identity import USER_HEADERS, load_tokens
 from mnist_pipeline.serving.settings import (
     DEFAULT_FEEDBACK_BURST,
     DEFAULT_FEEDBACK_MAX_BYTES,
@@ -127,9 +127,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="ADDR",
-        help="reverse proxies (addresses or networks) whose headers are believed: a signed-in user "
-        "(X-Forwarded-User, X-Auth-Request-User) is the submitter, else X-Forwarded-For names the client; without "
-        "it the peer's address is the client and those headers are ignored, since any client can write them",
+        help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client (and whose "
+        "--user-header names a signed-in user); without it the peer's address is the client and those headers are "
+        "ignored, since any client can write them",
+    )
+    parser.add_argument(
+        "--user-header",
+        choices=USER_HEADERS,
+        default=None,
+        help="the header in which a --trust-proxy proxy that signs users in (oauth2-proxy) names the user, who is "
+        "then the submitter; the proxy must set or clear it on every request",
     )
     parser.add_argument(
         "--tokens",
@@ -145,6 +152,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             parser.error(f"--trust-proxy {proxy!r}: expected an IP address or network such as 10.0.0.0/8")
+    if args.user_header and not args.trust_proxy:
+        parser.error("--user-header needs --trust-proxy: only a proxy in front can vouch for who signed in")
     if args.feedback_rate <= 0:
         parser.error("--feedback-rate must be above 0")
     for name in ("workers", "threads", "max_queue", "feedback_burst"):
@@ -174,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         feedback_max_bytes=int(args.feedback_max_mb * 2**20),
         feedback_min_free=int(args.feedback_reserve_mb * 2**20),
         trust_proxy=tuple(args.trust_proxy),
+        user_header=args.user_header,
         tokens=str(args.tokens.resolve()) if args.tokens else None,
     )
     try:

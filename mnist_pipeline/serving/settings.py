@@ -50,7 +50,8 @@ class Settings:
     feedback_burst: int = DEFAULT_FEEDBACK_BURST
     feedback_max_bytes: int = DEFAULT_FEEDBACK_MAX_BYTES
     feedback_min_free: int = DEFAULT_FEEDBACK_MIN_FREE  # a SQLite store refuses past this much free disk
-    trust_proxy: tuple[str, ...] = ()  # proxies whose X-Forwarded-For and signed-in user headers are believed
+    trust_proxy: tuple[str, ...] = ()  # proxies whose X-Forwarded-For (and user_header) are believed
+    user_header: str | None = None  # the header in which a trusted proxy names the user it signed in
     tokens: str | None = None  # a file of hashed API tokens: POST /feedback then needs a signed-in user or one
 
 
