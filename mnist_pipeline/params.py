@@ -115,9 +115,11 @@ class FeedbackParams(Section):
     min_prob: Probability  # a label the answering model gave less probability ...
     top_k: Int = Field(ge=1, le=10)  # ... and that is not among its top_k guesses is implausible
     max_implausible: Probability  # a submitter whose disagreements are more often implausible loses all of them
-    trusted_implausible: Probability  # ... and one whose are at most this often keeps the implausible ones too
     min_records: Int = Field(ge=1)  # ... once they have at least this many disagreements
+    trusted_reviews: Int = Field(ge=1)  # accepted reviews (none rejected) that make a submitter trusted
     max_per_submitter: Int = Field(ge=1)  # records admitted per submitter, the earliest
+    max_per_class: Int = Field(ge=1)  # disagreements admitted per submitter labelled any one digit
+    anonymous_per_class: Int = Field(ge=0)  # disagreements admitted from all anonymous submitters, per digit
     repeat: Int = Field(ge=1, le=100)  # times each admitted correction is shown per epoch
     split_key: str = Field(min_length=1, max_length=100)  # keys the user split's hash: not the training seed
 

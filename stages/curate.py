@@ -1,6 +1,7 @@
 """curate stage: the snapshot's corrections → a held-out user split and the admitted training part.
 
-Params: feedback (use, defence, user_split, min_prob, top_k, max_implausible, trusted_implausible,
+Params: feedback (use, defence, user_split, min_prob, top_k, max_implausible, trusted_reviews, max_per_class,
+anonymous_per_class,
 min_records, max_per_submitter, split_key; repeat is the train stage's).
 Reads: SNAPSHOTS/shard-*.rec (what `mnist-feedback snapshot` froze; never the live store).
 Writes: --admitted {images,labels}.npy + meta.json (what train mixes in: empty without

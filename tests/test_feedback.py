@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from helpers import BIN, ROOT, chromium, draw_strokes, loadgen, needs_chromium, served, stored, wait_answers
-from mnist_pipeline.feedback import curate
-from mnist_pipeline.feedback.records import Record, correction
+from mnist_pipeline.feedback import cli, curate
+from mnist_pipeline.feedback.records import Record, anonymous, correction, pseudonym
 from mnist_pipeline.feedback.store import Buckets, Store, StoreFull
 from mnist_pipeline.params import FeedbackParams, load_params
 
@@ -408,24 +408,90 @@ def test_careless_labels_are_quarantined_and_honest_ones_kept(defence):
         assert len(admitted) == len(wrong) > 100
 
 
-@pytest.mark.parametrize("rule", ["default", "probability alone", "no trust"])
+def accepted(records: list[Record], reviewer: str = "rev") -> list[Record]:
+    """A reviewer's "accept" on each of `records`."""
+    return [Record(id=f"z{r.id}", time=0.0, kind="review", submitter=reviewer, source="cli", target=r.id,
+                   verdict="accept") for r in records]
+
+
+@pytest.mark.parametrize("rule", ["default", "probability alone", "reviewed"])
 def test_corrections_of_the_models_confident_mistakes_are_admitted(rule):
     """Users who send only what the model misread (with < 1 % on the truth; for one in ten the truth is only
-    its fifth guess), plus some "Right ✓" confirmations: every correction is admitted. Judged by the
-    probability alone they were quarantined, and without trust the fifth-guess ones are."""
+    its fifth guess), plus some "Right ✓" confirmations: every near miss is admitted, and the fifth-guess ones
+    once a reviewer has accepted three of that user's corrections (trust from evidence, not from labels).
+    Judged by the probability alone most were quarantined."""
     rng = np.random.default_rng(7)
     records = [r for i in range(20) for r in population(rng, f"h{i}", 15, misread=True, far_every=10)
                + [replace(c, id=c.id + "c") for c in population(rng, f"h{i}", 5)]]
     far = [r for r in records if sum(q > r.probabilities[r.label] for q in r.probabilities) >= 3]
     assert len(far) == 20
-    overrides = {"default": {}, "probability alone": {"top_k": 1}, "no trust": {"trusted_implausible": 0.0}}[rule]
-    result = curate.curate(records, policy(**overrides, **ALL_TRAIN))
+    reviews = []
+    if rule == "reviewed":
+        near = [r for r in records if r not in far and r.label != r.answer]
+        reviews = accepted([r for i in range(20) for r in [n for n in near if n.submitter == f"h{i}"][:3]])
+    overrides = {"probability alone": {"top_k": 1}}.get(rule, {})
+    result = curate.curate(records + reviews, policy(**overrides, **ALL_TRAIN))
     if rule == "default":
-        assert len(result.admitted) == len(records)
-    elif rule == "no trust":
         assert sorted(r.id for r in result.quarantined["implausible"]) == sorted(r.id for r in far)
+        assert len(result.admitted) == len(records) - len(far)
+    elif rule == "reviewed":
+        assert len(result.trusted_submitters) == 20 and len(result.admitted) == len(records)
     else:
         assert len(result.admitted) < len(records) / 2
+
+
+def runner_up(r: Record) -> int:
+    """The model's second guess: a label that is wrong but never implausible."""
+    return int(np.argsort(r.probabilities)[-2])
+
+
+def padded_flips(rng: np.random.Generator, name: str, n: int) -> list[Record]:
+    """The adaptive adversary: three runner-up labels (wrong, plausible) for each 7 labelled 1; to the model 1
+    is a 7's second guess for half of them (plausible too), its least likely digit for the rest."""
+    out = []
+    for i, r in enumerate(population(rng, name, n)):
+        if i % 4:
+            out.append(replace(r, label=runner_up(r)))
+            continue
+        probs = [0.9 if c == 7 else 0.01 for c in range(10)]
+        probs[1] = 0.05 if i % 8 == 0 else 0.0001
+        out.append(replace(r, label=1, answer=7, probabilities=tuple(probs)))
+    return out
+
+
+@pytest.mark.parametrize("identities", [1, 10])
+def test_padding_with_runner_up_labels_buys_no_trust(identities):
+    """The finding: one pseudonym sent 375 runner-up labels and 125 7 → 1 flips and curate admitted 500 of 500
+    (its implausible share was under `trusted_implausible`). Now a plausible label earns nothing: the
+    implausible flips are quarantined one by one, and what passes is bounded per digit, per identity and for all
+    anonymous identities together, while honest writers keep every correction."""
+    rng = np.random.default_rng(11)
+    honest = [r for i in range(20) for r in population(rng, f"h{i}", 15, misread=True)]
+    attack = [r for i in range(identities) for r in padded_flips(rng, f"a-mallory{i}", 500 // identities * 4)]
+    result = curate.curate(honest + attack, policy(anonymous_per_class=30, **ALL_TRAIN))
+    flips = [r for r in result.admitted if r.submitter.startswith("a-") and r.label == 1 and r.answer == 7]
+    wrong = [r for r in result.admitted if r.submitter.startswith("a-")]
+    assert len(flips) <= min(10 * identities, 30) and len(wrong) <= 10 * 10 * identities
+    assert all(r.probabilities[1] >= 0.01 for r in flips)  # no implausible flip passed
+    assert {r.id for r in honest} <= {r.id for r in result.admitted}
+    if identities == 10:  # the anonymous room for 1s is shared one submitter at a time: honest 1s still get in
+        assert len(result.quarantined["anonymous"]) > 0
+
+
+def test_an_image_held_out_is_held_out_under_every_pseudonym():
+    """The finding: the same image sent under two pseudonyms sat in the admitted part and the user split."""
+    rng = np.random.default_rng(12)
+    key = policy().split_key
+    names = [f"w{i}" for i in range(40)]
+    held = [n for n in names if curate.held_out(n, 0.5, key)]
+    kept = [n for n in names if not curate.held_out(n, 0.5, key)]
+    shared = population(rng, held[0], 30)
+    records = shared + [replace(r, id=r.id + "x", submitter=n) for n in (kept[0], held[1]) for r in shared]
+    result = curate.curate(records, policy(user_split=0.5))
+    trained = {curate.image_key(r) for r in result.admitted}
+    scored = [curate.image_key(r) for r in result.users]
+    assert not trained & set(scored) and len(scored) == len(set(scored)) == 30
+    assert len(result.quarantined["held_out_image"]) == 60
 
 
 @pytest.mark.parametrize("defence", [True, False])
@@ -583,3 +649,16 @@ def test_review_records_verdicts_that_the_next_snapshot_carries(tmp_path, capsys
     assert [r.id for r in result.admitted] == [ids[0]]
     assert [r.id for r in result.quarantined["rejected"]] == [ids[1]]
     assert [r.id for r in result.quarantined["implausible"]] == [ids[2]]
+
+
+def test_names_in_an_imported_file_are_anonymous_unless_vouched_for(tmp_path):
+    """The finding: a CSV import could name a new submitter on every row, each as good as a signed-in user."""
+    (tmp_path / "rows.csv").write_text("a.png,7,mallory1\nb.png,7,mallory2\nc.png,3\n")
+    salt = bytes(32)
+    for signed_in, kinds in ((False, ["a", "a", "s"]), (True, ["s", "s", "s"])):
+        items, problems = cli.items_from(tmp_path / "rows.csv", "operator", signed_in)
+        assert problems == []
+        submitters = [pseudonym(salt, *who) for _, _, who in items]
+        assert [s[0] for s in submitters] == kinds
+        assert [anonymous(s) for s in submitters] == [k == "a" for k in kinds]
+    assert anonymous(pseudonym(salt, "client", "192.0.2.1")) and not anonymous(pseudonym(salt, "user", "ann"))

@@ -1,7 +1,8 @@
 """mnist-feedback: collect corrections from the command line, see them, freeze them, review them.
 
     mnist-feedback add --label N [--submitter NAME] FILE…     one label for these images
-    mnist-feedback import FOLDER|FILE.csv [--submitter NAME]  FOLDER/<digit>/*.png, or rows file,label[,submitter]
+    mnist-feedback import FOLDER|FILE.csv [--submitter NAME] [--signed-in]
+                                                               FOLDER/<digit>/*.png, or rows file,label[,submitter]
     mnist-feedback status                                      counts per class and submitter, agreement with the model
     mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
     mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on what curate quarantined
@@ -58,7 +59,7 @@ from mnist_pipeline.serving.identity import TOKEN_LINE, TokensError, load_tokens
 DEFAULT_QUARANTINE = Path("metrics/quarantine.json")
 MAX_ROWS = 1_000_000  # rows of one CSV import
 ID = re.compile(r"[0-9a-f]{26}")  # records.new_id's: a shard's file name starts with one
-Item = tuple[Path, int, str]  # file, label, submitter name
+Item = tuple[Path, int, tuple[str, str]]  # file, label, (identity kind, submitter name): records.pseudonym's
 
 
 def parse_label(text: str) -> int:
@@ -67,15 +68,18 @@ def parse_label(text: str) -> int:
     return int(text)
 
 
-def items_from(path: Path, submitter: str) -> tuple[list[Item], list[str]]:
-    """(file, label, submitter) for a folder of digit subfolders or a CSV, and the rows that make no sense."""
+def items_from(path: Path, submitter: str, signed_in: bool = False) -> tuple[list[Item], list[str]]:
+    """(file, label, submitter) for a folder of digit subfolders or a CSV, and the rows that make no sense.
+
+    A name in a CSV row is anyone's to write: unless `signed_in` vouches for the names (verified accounts),
+    each is an anonymous identity, as cheap as a row, and curate treats it so."""
     items: list[Item] = []
     problems: list[str] = []
     if path.is_dir():
         for digit in range(10):
             folder = path / str(digit)
             if folder.is_dir():
-                items += [(f, digit, submitter) for f in sorted(folder.iterdir()) if f.is_file()]
+                items += [(f, digit, ("name", submitter)) for f in sorted(folder.iterdir()) if f.is_file()]
         if not items:
             problems.append(f"{path}: no images in subfolders 0 … 9 (expected {path}/7/some.png)")
         return items, problems
@@ -90,8 +94,9 @@ def items_from(path: Path, submitter: str) -> tuple[list[Item], list[str]]:
                 if len(row) not in (2, 3) or len(row[1].strip()) != 1 or not row[1].strip().isdigit():
                     problems.append(f"{path}:{n}: expected file,label[,submitter] with a label 0–9, got {row!r:.80}")
                     continue
-                name = row[2].strip() if len(row) == 3 and row[2].strip() else submitter
-                items.append((path.parent / row[0].strip(), int(row[1]), name))
+                named = len(row) == 3 and row[2].strip()
+                who = ((("name" if signed_in else "import"), row[2].strip()) if named else ("name", submitter))
+                items.append((path.parent / row[0].strip(), int(row[1]), who))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.append(f"{path}: cannot read it as a CSV ({exc})")
     return items, problems
@@ -107,18 +112,18 @@ def record_items(store: Store, model_path: Path, items: list[Item]) -> tuple[int
     recorded, errors = 0, []
     for start in range(0, len(items), 512):
         chunk, ready = items[start : start + 512], []
-        for path, label, name in chunk:
+        for path, label, who in chunk:
             try:
                 data = read_bounded(path, DEFAULT_MAX_UPLOAD)
-                ready.append((path, label, name, prepare(data), data))
+                ready.append((path, label, who, prepare(data), data))
             except ImageError as exc:
                 errors.append(f"{path}: error: {exc}")
         if not ready:
             continue
         probs = model.probabilities(np.stack([r[3] for r in ready]))
         recs = [
-            correction(image, label, p, identity, store.submitter("name", name), "cli", data)
-            for (_, label, name, image, data), p in zip(ready, probs, strict=True)
+            correction(image, label, p, identity, store.submitter(*who), "cli", data)
+            for (_, label, who, image, data), p in zip(ready, probs, strict=True)
         ]
         store.append(recs)  # one transaction a chunk: every line below is committed
         for (path, *_), rec in zip(ready, recs, strict=True):
@@ -341,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("files", nargs="+", type=Path)
     imp = sub.add_parser("import", help="record a folder of digit subfolders, or a CSV of file,label[,submitter]")
     imp.add_argument("source", type=Path)
+    imp.add_argument(
+        "--signed-in",
+        action="store_true",
+        help="the CSV's submitter names are verified accounts (default: each is anonymous, as cheap as a row)",
+    )
     for p in (add, imp):
         p.add_argument("--submitter", default=getpass.getuser(), help="who labelled them (stored as a salted hash)")
         p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"scores them (default {DEFAULT_MODEL})")
@@ -451,9 +461,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(lines))
             return 1 if any(": error:" in line for line in lines) else 0
         if args.command == "add":
-            items, problems = [(f, args.label, args.submitter) for f in args.files], list[str]()
+            items, problems = [(f, args.label, ("name", args.submitter)) for f in args.files], list[str]()
         else:
-            items, problems = items_from(args.source, args.submitter)
+            items, problems = items_from(args.source, args.submitter, args.signed_in)
         recorded, errors = record_items(store, args.model, items) if items else (0, [])
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,32 +1,34 @@
 """Curation: the snapshot's corrections → a held-out user split and the admitted training part.
 
 Corrections are untrusted. The split is by submitter (a hash of the pseudonym keyed by
-`feedback.split_key`, not by the training seed: a seed sweep scores the same users), so no
-writer's digits are both trained on and scored. The user split is every correction that passes
-review: it is scored on what users sent, never only on what a model agreed with (a filter by the
-model's own probability would drop exactly its confident mistakes and flatter it). The defence,
-in the order it is applied to the training part:
+`feedback.split_key`, not by the training seed: a seed sweep scores the same users) and by image:
+an image a held-out user sent is held out under every pseudonym, so no digit is both trained on
+and scored. The user split is every correction that passes review: it is scored on what users
+sent, never only on what a model agreed with (a filter by the model's own probability would drop
+exactly its confident mistakes and flatter it).
 
-1. review: a person's verdict (`mnist-feedback review`) overrides everything below;
+No rule here survives an attacker who reads it; the gate (mnist_pipeline/gate.py) is the
+defence that does. These rules bound what any one identity, and all anonymous ones together,
+can teach, and hand out trust only for what an attacker cannot make cheaply. In the order they
+apply to the training part:
+
+1. review: a person's verdict (`mnist-feedback review`) overrides everything below; a submitter
+   with at least `trusted_reviews` corrections accepted and none rejected is trusted: their
+   implausible labels pass and the per-class bounds do not apply to them;
 2. implausible: a label the model that answered gave less than `min_prob` (its calibrated
-   probability, recorded when the correction came in, so out of sample: that model never
-   trained on it) *and* that is not among its `top_k` guesses. The rank is what keeps honest
-   corrections: when the model is confidently wrong, the true digit is nearly always its second
-   or third guess, while a careless user's random label lands anywhere among the nine others
-   and an adversary's chosen one (a 7 called 1) is rarely a near miss (docs/feedback.md has
-   the measured shares);
+   probability, recorded when the correction came in, so out of sample) *and* that is not among
+   its `top_k` guesses, unless another submitter gave the same image the same label
+   (independent agreement). Plausible labels earn no trust: a runner-up label costs nothing;
 3. submitter: a submitter with at least `min_records` disagreements with the model (label ≠
-   answer), more than `max_implausible` of them implausible, loses all their corrections: an
-   adversary flipping 7s to 1s at volume is judged as a whole. Only disagreements count, so
-   confirmations ("Right ✓") cannot dilute the share, and a record a reviewer accepted is
-   not implausible. The other way round, a submitter whose disagreements are implausible at
-   most `trusted_implausible` of the time is trusted, and their implausible labels pass too:
-   an honest user's rare correction that the model ranked lower still, with no evidence
-   against it;
-4. cap: at most `max_per_submitter` records of one submitter, the earliest, so one flood
-   cannot outweigh everyone else.
+   answer), more than `max_implausible` of them implausible, loses all their corrections;
+4. cap: at most `max_per_submitter` records of one submitter, the earliest, and at most
+   `max_per_class` disagreements labelled any one digit, so a flood of 7s called 1 counts as
+   that many and no more;
+5. anonymous: submitters whose identity costs nothing (an address, a name in an imported file;
+   `records.anonymous`) together get at most `anonymous_per_class` admitted disagreements
+   labelled any one digit, shared out one submitter at a time.
 
-`defence: false` turns 2–4 off (naive ingest), for comparison. Duplicates (one submitter,
+`defence: false` turns 2–5 off (naive ingest), for comparison. Duplicates (one submitter,
 one image) keep the latest label. The policy is params.yaml's `feedback:` section itself
 (`FeedbackParams`). Everything here is numpy: the stage needs no torch.
 """
@@ -40,13 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mnist_pipeline.feedback.records import Record
+from mnist_pipeline.feedback.records import Record, anonymous
 from mnist_pipeline.params import FeedbackParams
 
 if TYPE_CHECKING:
     from PIL import Image
 
-REASONS = ("rejected", "implausible", "submitter", "cap")
+REASONS = ("rejected", "held_out_image", "implausible", "submitter", "cap", "class_cap", "anonymous")
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Curated:
     users: list[Record] = field(default_factory=list)
     quarantined: dict[str, list[Record]] = field(default_factory=lambda: {r: [] for r in REASONS})
     held_out_submitters: set[str] = field(default_factory=set)
+    trusted_submitters: set[str] = field(default_factory=set)
 
 
 def held_out(submitter: str, share: float, key: str) -> bool:
@@ -63,12 +66,16 @@ def held_out(submitter: str, share: float, key: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+def image_key(r: Record) -> bytes:
+    assert r.image is not None
+    return hashlib.sha256(r.image.tobytes()).digest()
+
+
 def latest_per_image(records: list[Record]) -> list[Record]:
     """One record per (submitter, image): the last label a person gave a digit is the one they meant."""
     kept: dict[tuple[str, bytes], Record] = {}
     for r in records:  # in id order, so later ones replace earlier ones
-        assert r.image is not None
-        kept[(r.submitter, hashlib.sha256(r.image.tobytes()).digest())] = r
+        kept[(r.submitter, image_key(r))] = r
     return sorted(kept.values(), key=lambda r: r.id)
 
 
@@ -85,45 +92,112 @@ def plausible(r: Record, min_prob: float, top_k: int) -> bool:
     return p >= min_prob or sum(q > p for q in r.probabilities) < top_k
 
 
+def trusted(corrections: list[Record], reviewed: dict[str, str], needed: int) -> set[str]:
+    """Submitters a reviewer vouched for: at least `needed` of their corrections accepted, none rejected."""
+    accepted: Counter = Counter()
+    rejected: set[str] = set()
+    for r in corrections:
+        if reviewed.get(r.id) == "accept":
+            accepted[r.submitter] += 1
+        elif reviewed.get(r.id) == "reject":
+            rejected.add(r.submitter)
+    return {s for s, n in accepted.items() if n >= needed and s not in rejected}
+
+
+def corroborated(corrections: list[Record]) -> set[str]:
+    """Ids of corrections whose label another submitter gave the same image: independent agreement."""
+    givers: dict[tuple[bytes, int], set[str]] = defaultdict(set)
+    for r in corrections:
+        givers[(image_key(r), r.label)].add(r.submitter)
+    return {r.id for r in corrections if len(givers[(image_key(r), r.label)]) > 1}
+
+
+def round_robin(candidates: list[Record], room: int) -> tuple[list[Record], list[Record]]:
+    """(kept, left): up to `room` records taken one per submitter in turn, each submitter's earliest first, so
+    that many identities share the room with everyone else instead of filling it."""
+    queues: dict[str, list[Record]] = defaultdict(list)
+    for r in sorted(candidates, key=lambda r: r.id):
+        queues[r.submitter].append(r)
+    kept: list[Record] = []
+    while len(kept) < room and any(queues.values()):
+        for submitter in sorted(queues):
+            if queues[submitter] and len(kept) < room:
+                kept.append(queues[submitter].pop(0))
+    left = [r for q in queues.values() for r in q]
+    return kept, left
+
+
 def curate(records: list[Record], policy: FeedbackParams) -> Curated:
     reviewed = verdicts(records)
     corrections = latest_per_image([r for r in records if r.kind == "correction"])
-    out = Curated()
+    out = Curated(trusted_submitters=trusted(corrections, reviewed, policy.trusted_reviews))
+    agreed = corroborated(corrections)
+    users = {r.submitter for r in corrections if held_out(r.submitter, policy.user_split, policy.split_key)}
+    out.held_out_submitters = users
+    # An image a held-out user sent is held out under every pseudonym: scored once, trained on by no one.
+    held_images: dict[bytes, Record] = {}
+    for r in corrections:
+        if r.submitter in users and reviewed.get(r.id) != "reject":
+            held_images[image_key(r)] = r  # the latest, in id order
     by_submitter: dict[str, list[Record]] = defaultdict(list)
     for r in corrections:
         by_submitter[r.submitter].append(r)
+    pending: list[Record] = []  # admitted so far: anonymous disagreements still face the per-class bound
     for submitter, mine in sorted(by_submitter.items()):
-        users = held_out(submitter, policy.user_split, policy.split_key)
-        if users:
-            out.held_out_submitters.add(submitter)
+        vouched = submitter in out.trusted_submitters
         implausible = {
-            r.id for r in mine if reviewed.get(r.id) != "accept" and not plausible(r, policy.min_prob, policy.top_k)
+            r.id
+            for r in mine
+            if reviewed.get(r.id) != "accept" and r.id not in agreed and not plausible(r, policy.min_prob, policy.top_k)
         }
         disagreements = sum(r.label != r.answer for r in mine)
         distrusted = disagreements >= policy.min_records and len(implausible) > policy.max_implausible * disagreements
-        trusted = len(implausible) <= policy.trusted_implausible * disagreements
-        kept = 0
+        kept, per_class = 0, Counter()
         for r in mine:
             verdict = reviewed.get(r.id)
+            reason: str | None = None
             if verdict == "reject":
-                reason: str | None = "rejected"
-            elif verdict == "accept" or not policy.defence or users:
-                reason = None
+                reason = "rejected"
+            elif submitter in users:
+                if held_images.get(image_key(r)) is not r:
+                    reason = "held_out_image"  # another held-out user's copy of it is the one scored
+            elif image_key(r) in held_images:
+                reason = "held_out_image"
+            elif verdict == "accept" or not policy.defence:
+                pass
             elif distrusted:
                 reason = "submitter"
-            elif r.id in implausible and not trusted:
+            elif r.id in implausible and not vouched:
                 reason = "implausible"
             elif kept >= policy.max_per_submitter:
                 reason = "cap"
-            else:
-                reason = None
+            elif r.label != r.answer and not vouched and per_class[r.label] >= policy.max_per_class:
+                reason = "class_cap"
             if reason is not None:
                 out.quarantined[reason].append(r)
-            elif users:
+            elif submitter in users:
                 out.users.append(r)
             else:
-                out.admitted.append(r)
+                pending.append(r)
                 kept += 1
+                per_class[r.label] += r.label != r.answer
+    # Anonymous identities are cheap to multiply: together, their disagreements admitted in any one class are
+    # bounded, shared out one submitter at a time.
+    bounded = [
+        r
+        for r in pending
+        if policy.defence
+        and anonymous(r.submitter)
+        and r.label != r.answer
+        and reviewed.get(r.id) != "accept"
+        and r.submitter not in out.trusted_submitters
+    ]
+    over: set[str] = set()
+    for c in range(10):
+        _, left = round_robin([r for r in bounded if r.label == c], policy.anonymous_per_class)
+        over |= {r.id for r in left}
+    out.admitted = [r for r in pending if r.id not in over]
+    out.quarantined["anonymous"] = [r for r in pending if r.id in over]
     if not policy.use:
         out.admitted = []
     return out
@@ -154,6 +228,7 @@ def report(records: list[Record], result: Curated, policy: FeedbackParams, shard
         "defence": policy.defence,
         "admitted": len(result.admitted),
         "user_split": {"samples": len(result.users), "submitters": len(result.held_out_submitters)},
+        "trusted_submitters": len(result.trusted_submitters),
         "quarantined": {reason: len(rs) for reason, rs in result.quarantined.items()},
         "admitted_per_class": [sum(r.label == c for r in result.admitted) for c in range(10)],
         "per_submitter": {s: dict(sorted(c.items())) for s, c in sorted(per.items())},

@@ -248,9 +248,20 @@ def read_files(paths: list[Path]) -> ReadResult:
     return result
 
 
+# Identities anyone can make more of: an anonymous network, a name in an imported file nobody vouched for.
+ANONYMOUS_KINDS = frozenset({"client", "import"})
+
+
 def pseudonym(salt: bytes, kind: str, value: str) -> str:
-    """A stable submitter id that does not reveal `value` (an address, a name) without the salt."""
-    return "s" + hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:15]
+    """A stable submitter id that does not reveal `value` (an address, a name) without the salt; its first letter
+    says whether the identity cost something (`s`: signed in, a token, an operator's name) or not (`a`)."""
+    prefix = "a" if kind in ANONYMOUS_KINDS else "s"
+    return prefix + hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:15]
+
+
+def anonymous(submitter: str) -> bool:
+    """Whether a pseudonym is of an identity anyone can multiply (`pseudonym`'s first letter)."""
+    return submitter.startswith("a")
 
 
 def shards(folder: Path) -> list[Path]:
