@@ -98,6 +98,10 @@ class CNNParams(Section):
     train: TrainParams  # the CNN's own training recipe
 
 
+class GateParams(Section):
+    alpha: Float = Field(gt=0.0, lt=1.0)  # McNemar's significance level per slice (divided by the classes per class)
+
+
 class EvaluateParams(Section):
     batch_size: Int = Field(ge=1)
 
@@ -134,6 +138,7 @@ class Params(Section):
     data: DataParams
     evaluate: EvaluateParams
     export: ExportParams
+    gate: GateParams
     feedback: FeedbackParams
 
     @property

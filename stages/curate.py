@@ -6,7 +6,8 @@ min_records, max_per_submitter, split_key; repeat is the train stage's).
 Reads: SNAPSHOTS/shard-*.rec (what `mnist-feedback snapshot` froze; never the live store).
 Writes: --admitted {images,labels}.npy + meta.json (what train mixes in: empty without
 feedback or with feedback.use false), --users {images,labels}.npy (submitters held out,
-never trained on: evaluate scores them), --report (counts, reasons, per submitter), --figure
+never trained on: evaluate scores them), --reviewed (those of them a reviewer accepted: the gate's
+digits like users' that no attacker labelled), --report (counts, reasons, per submitter), --figure
 (samples of each group), --quarantine (the quarantined ids and reasons, for `mnist-feedback review`).
 Without feedback every output is empty and byte-stable, so nothing downstream reruns.
 """
@@ -26,7 +27,7 @@ from mnist_pipeline.fileio import atomic_path, write_json
 
 def configure(parser) -> None:
     parser.add_argument("snapshots", type=Path)
-    for option in ("admitted", "users", "report", "figure", "quarantine"):
+    for option in ("admitted", "users", "reviewed", "report", "figure", "quarantine"):
         parser.add_argument(f"--{option}", type=Path, required=True)
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         {"corrections": len(result.admitted), "snapshot": report["snapshot"]["id"]},
     )
     splits.save(args.users, result.users)
+    splits.save(args.reviewed, result.reviewed)
     write_json(args.report, report)
     write_json(
         args.quarantine,

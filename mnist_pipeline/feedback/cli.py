@@ -5,7 +5,7 @@
                                                                FOLDER/<digit>/*.png, or rows file,label[,submitter]
     mnist-feedback status                                      counts per class and submitter, agreement with the model
     mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
-    mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on what curate quarantined
+    mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on corrections (asks about the quarantined)
     mnist-feedback retire                                      delete from the store what DVC-tracked shards hold
     mnist-feedback export [--format jsonl|csv]                 one line per record, for pandas, SQL and operators
     mnist-feedback migrate DIR                                 a segment store (before the database) → this store
@@ -286,13 +286,14 @@ def ascii_digit(image: np.ndarray) -> str:
 
 
 def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str], reviewer: str) -> list[str]:
-    """Append a review record per verdict; with no verdicts given, ask about each quarantined item."""
+    """Append a review record per verdict on any correction (the gate scores the held-out users' accepted ones);
+    with no verdicts given, ask about each quarantined item."""
     try:
         entries = json.loads(quarantine.read_text())
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{quarantine}: no quarantine list ({exc}); run `dvc repro curate` first") from None
     reasons = {e["id"]: e["reason"] for e in entries}
-    known = {r.id: r for r in read_shards(folder).records + store.get(list(reasons))}
+    known = {r.id: r for r in read_shards(folder).records + store.get(list(reasons) + list(verdicts))}
     done = {r.target for r in known.values() if r.kind == "review"}
     lines = []
     if not verdicts:
@@ -313,8 +314,9 @@ def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str
             if choice in ("a", "r"):
                 verdicts[item_id] = "accept" if choice == "a" else "reject"
     for item_id, verdict in verdicts.items():
-        if item_id not in reasons:
-            lines.append(f"{item_id}: error: not in {quarantine} (only quarantined corrections are reviewed)")
+        rec = known.get(item_id)
+        if rec is None or rec.kind != "correction":
+            lines.append(f"{item_id}: error: no such correction in the store or {folder}")
             continue
         rec = Record(
             id=new_id(),

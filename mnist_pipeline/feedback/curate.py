@@ -55,6 +55,7 @@ REASONS = ("rejected", "held_out_image", "implausible", "submitter", "cap", "cla
 class Curated:
     admitted: list[Record] = field(default_factory=list)
     users: list[Record] = field(default_factory=list)
+    reviewed: list[Record] = field(default_factory=list)  # the user split's corrections a reviewer accepted: the gate's
     quarantined: dict[str, list[Record]] = field(default_factory=lambda: {r: [] for r in REASONS})
     held_out_submitters: set[str] = field(default_factory=set)
     trusted_submitters: set[str] = field(default_factory=set)
@@ -197,6 +198,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
         _, left = round_robin([r for r in bounded if r.label == c], policy.anonymous_per_class)
         over |= {r.id for r in left}
     out.admitted = [r for r in pending if r.id not in over]
+    out.reviewed = [r for r in out.users if reviewed.get(r.id) == "accept"]
     out.quarantined["anonymous"] = [r for r in pending if r.id in over]
     if not policy.use:
         out.admitted = []
@@ -228,6 +230,7 @@ def report(records: list[Record], result: Curated, policy: FeedbackParams, shard
         "defence": policy.defence,
         "admitted": len(result.admitted),
         "user_split": {"samples": len(result.users), "submitters": len(result.held_out_submitters)},
+        "reviewed": len(result.reviewed),
         "trusted_submitters": len(result.trusted_submitters),
         "quarantined": {reason: len(rs) for reason, rs in result.quarantined.items()},
         "admitted_per_class": [sum(r.label == c for r in result.admitted) for c in range(10)],

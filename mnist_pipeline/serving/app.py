@@ -1,7 +1,7 @@
 """The HTTP API and the draw-a-digit page, as an ASGI app (Starlette); `mnist-serve` runs it.
 
     GET  /          the page (served from the package, works offline)
-    GET  /healthz   {"status": "ok", ...}
+    GET  /healthz   {"status": "ok", "model_sha256", "version", ...}
     GET  /model     the model card: model_card.json beside the model, or one folder up (the pipeline
                     keeps it in git as models/model_card.json, beside the DVC-tracked models/export/)
     POST /predict   multipart form, one or more `file` fields → {"digit", "label", "probabilities", "input", …}
@@ -9,6 +9,10 @@
     POST /feedback  (with `--feedback` only) multipart `file` and `label` (0–9) → 201 {"id", "label", "digit"}
                     once its transaction has committed (docs/feedback.md); 429 past the per-client rate, 503
                     with Retry-After while the store is down or locked, 507 when it or its disk is full
+
+The model is one ONNX file, or a model base path of numbered versions (registry.py, written by
+`mnist-promote`): then the server serves the pinned or newest version and follows it, loading a new
+one beside the old and switching between requests.
 
 Starlette gives routing and streaming multipart parsing without FastAPI's request-model layer
 (this API has one form field). Images are prepared by `images.prepare`, exactly as
@@ -35,6 +39,9 @@ import base64
 import io
 import json
 import os
+import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,6 +55,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mnist_pipeline import registry
 from mnist_pipeline.exported import Model, load_model
 from mnist_pipeline.serving.collect import Collector, read_feedback
 from mnist_pipeline.serving.identity import Identities, load_tokens
@@ -67,6 +75,7 @@ from mnist_pipeline.serving.uploads import (
 __all__ = ["WEB_MAX_PIXELS", "app_from_env", "compact_json", "create_app", "png_data_url"]
 
 MAX_FILES = 16
+FOLLOW_SECONDS = 1.0  # how often a server on a model base path looks for a promotion or a rollback
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
@@ -139,8 +148,11 @@ class Service:
 
     def __init__(self, model_path: Path, settings: Settings) -> None:
         self.settings = settings
-        self.model = load_model(model_path, threads=1)
-        self.card = model_card(model_path, self.model.classes)
+        path, self.version = registry.resolve(model_path)
+        self.model = load_model(path, threads=1)
+        self.card = model_card(path, self.model.classes)
+        if self.version is not None:  # a model base path: follow its promotions and rollbacks
+            threading.Thread(target=self.follow, args=(model_path,), name="follow", daemon=True).start()
         self.page = PAGE.read_bytes()
         self.collector = Collector(settings) if settings.feedback else None
         tokens = load_tokens(Path(settings.tokens)) if settings.tokens else None
@@ -149,6 +161,36 @@ class Service:
             self.page = self.page.replace(b"<body>", b'<body data-feedback="1">', 1)
         self.pool = ThreadPoolExecutor(settings.threads or cores(), thread_name_prefix="predict")
         self.admitted = 0  # requests between admission and answer; only the event loop's thread touches it
+
+    def follow(self, base: Path) -> None:
+        """Load the version the base path names beside the one serving, then switch: a request takes the model
+        once, when it is handed to the pool, so the old one finishes what it has. A version that does not load
+        is reported once and never served (a published version does not change)."""
+        failed: set[int] = set()
+        problem = ""
+        while True:
+            time.sleep(FOLLOW_SECONDS)
+            try:
+                version = registry.current(base)
+            except (OSError, registry.RegistryError) as exc:
+                if str(exc) != problem:
+                    problem = str(exc)
+                    print(f"warning: {problem}; still serving version {self.version}", file=sys.stderr, flush=True)
+                continue
+            problem = ""
+            if version is None or version == self.version or version in failed:
+                continue
+            path = registry.model_path(base, version)
+            try:
+                model = load_model(path, threads=1)
+            except Exception as exc:  # whatever a bad file raises, the server keeps the model it has
+                failed.add(version)
+                print(f"warning: version {version} does not load ({exc}); still serving version {self.version}",
+                      file=sys.stderr, flush=True)
+                continue
+            self.card = model_card(path, model.classes)
+            self.model, self.version = model, version
+            print(f"serving version {version} ({model.sha256[:12]}) from {path}", flush=True)
 
     async def index(self, request: Request) -> Response:
         return Response(self.page, media_type="text/html; charset=utf-8")
@@ -159,6 +201,7 @@ class Service:
                 "status": "ok",
                 "model": self.card.get("model"),
                 "model_sha256": self.model.sha256,  # the ONNX file that answers, as loaded
+                "version": self.version,  # in a model base path; None for one model file
                 "classes": len(self.model.classes),
                 "admitted": self.admitted,
                 "feedback": self.collector is not None,

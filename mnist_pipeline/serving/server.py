@@ -1,6 +1,6 @@
 """mnist-serve: the exported model over HTTP, and a draw-a-digit page (the app: `app.py`).
 
-    mnist-serve [--model models/export/model.onnx] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
+    mnist-serve [--model models/export/model.onnx|models/serving] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 4]
                 [--workers 1] [--threads CORES] [--max-queue 16]
                 [--feedback [DIR|postgresql://…]] [--feedback-rate 1] [--feedback-burst 20]
                 [--feedback-max-mb 1024] [--feedback-reserve-mb 256]
@@ -52,18 +52,24 @@ def model_problem(path: Path) -> str | None:
 
 
 def _try_load(path: Path) -> str | None:
+    from mnist_pipeline import registry
     from mnist_pipeline.exported import load_model
 
     try:
-        load_model(path, threads=1)
-    except ModelFileError as exc:
+        load_model(registry.resolve(path)[0], threads=1)
+    except (ModelFileError, registry.RegistryError) as exc:
         return str(exc)
     return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mnist-serve", description="Serve the exported model over HTTP.")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help=f"ONNX model (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_MODEL,
+        help=f"ONNX model, or a model base path that `mnist-promote` writes, followed (default {DEFAULT_MODEL})",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     parser.add_argument(

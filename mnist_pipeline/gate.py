@@ -1,0 +1,79 @@
+"""The gate: is the candidate model at least as good as the champion, per class, beyond noise?
+
+Only a blessed model is promoted (`mnist-promote`), and the gate is the defence an attacker who
+reads curate's rules cannot read around: it compares the two models on data no user controls,
+the validation split (MNIST's own digits, never trained on) and corrections a reviewer accepted
+from the held-out users (digits like users', labelled by a person, trained on by no model). Never
+MNIST's test split: that stays a test.
+
+Each slice is judged on its own, as TFX's Evaluator judges slices: a 7 → 1 attack barely moves
+MNIST's 7s while it flips users' 7s. Within a slice the two models answered the same images, so
+the comparison is paired: McNemar's exact test on the images one model got right and the other
+wrong (`b`: only the champion right, `c`: only the candidate), one-sided, `P(X ≥ b)` for
+`X ~ Binomial(b + c, 1/2)`. A class is significantly worse when b > c and that p-value is under
+`alpha / classes` (Bonferroni over the classes of a slice); the slice as a whole when it is under
+`alpha`. The candidate is blessed when nothing is. Pure Python and numpy: exact integers, so the
+verdict is the same bytes on every machine.
+"""
+
+from __future__ import annotations
+
+from math import comb
+from typing import Any
+
+import numpy as np
+
+
+def worse_p(b: int, c: int) -> float:
+    """One-sided exact McNemar p-value that the candidate is worse: P(X ≥ b), X ~ Binomial(b + c, 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    return sum(comb(n, k) for k in range(b, n + 1)) / 2**n
+
+
+def paired(champion: np.ndarray, candidate: np.ndarray, labels: np.ndarray, alpha: float) -> dict[str, Any]:
+    """The counts, p-value and verdict of one group of images both models answered."""
+    right_before, right_after = champion == labels, candidate == labels
+    b = int((right_before & ~right_after).sum())
+    c = int((~right_before & right_after).sum())
+    p = worse_p(b, c)
+    return {
+        "images": int(len(labels)),
+        "champion_correct": int(right_before.sum()),
+        "candidate_correct": int(right_after.sum()),
+        "only_champion": b,
+        "only_candidate": c,
+        "p_worse": round(p, 6),
+        "worse": b > c and p < alpha,
+    }
+
+
+def judge_slice(
+    champion: np.ndarray, candidate: np.ndarray, labels: np.ndarray, alpha: float, classes: int = 10
+) -> dict[str, Any]:
+    """A slice overall at `alpha`, and each class at `alpha / classes`."""
+    per_class = {
+        str(k): paired(champion[labels == k], candidate[labels == k], labels[labels == k], alpha / classes)
+        for k in range(classes)
+    }
+    return {"overall": paired(champion, candidate, labels, alpha), "per_class": per_class}
+
+
+def verdict(slices: dict[str, dict[str, Any]]) -> tuple[bool, list[str]]:
+    """(blessed, the reasons it is not): every class and slice that got significantly worse."""
+    reasons = []
+    for name, judged in slices.items():
+        if judged["overall"]["worse"]:
+            o = judged["overall"]
+            reasons.append(
+                f"{name}: worse overall ({o['candidate_correct']} right against {o['champion_correct']} "
+                f"of {o['images']}, p = {o['p_worse']:.2g})"
+            )
+        for k, r in judged["per_class"].items():
+            if r["worse"]:
+                reasons.append(
+                    f"{name}: class {k} worse ({r['only_champion']} images only the champion got right, "
+                    f"{r['only_candidate']} only the candidate, p = {r['p_worse']:.2g})"
+                )
+    return not reasons, reasons

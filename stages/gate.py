@@ -1,0 +1,113 @@
+"""gate stage: bless the candidate, or not, against the champion on data no user controls.
+
+Params: gate (alpha).
+Reads: CHECKPOINT and EXPORTED (the candidate: its weights, and the ONNX file a promotion would
+serve), DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
+stage's), --champion (models/champion.json: the blessed model's checkpoint MD5, as DVC caches it, and
+its ONNX SHA-256; `mnist-promote` rewrites it). Never the test split.
+Writes: --metrics (metrics/gate.json: `blessed`, the reasons it is not, the champion and the candidate,
+and per slice and class McNemar's counts and p-value; mnist_pipeline/gate.py).
+A candidate with the champion's very bytes (a fresh clone's first `dvc repro`) is the champion: blessed
+without loading anything. Another one needs the champion's checkpoint in the DVC cache; without it the
+candidate is not blessed and the reason names what to fetch.
+"""
+
+from __future__ import annotations
+
+import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kernels before torch loads
+
+# isort: split
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnist_pipeline import gate, processed, stage
+from mnist_pipeline.checkpoint import load_checkpoint
+from mnist_pipeline.engine import predict_logits, select_device
+from mnist_pipeline.errors import DatasetError
+from mnist_pipeline.feedback import splits
+from mnist_pipeline.fileio import sha256_file, write_json
+
+BATCH = 1000
+
+
+def configure(parser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("exported", type=Path, help="the candidate's ONNX file")
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--reviewed", type=Path, required=True)
+    parser.add_argument("--champion", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+
+
+def read_champion(path: Path) -> dict[str, Any]:
+    try:
+        champion = json.loads(path.read_text())
+        md5, sha = champion["checkpoint_md5"], champion["model_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path}: not a champion record ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(md5, str) and len(md5) == 32 and isinstance(sha, str) and len(sha) == 64):
+        raise DatasetError(f"{path}: checkpoint_md5 must be 32 hex digits and model_sha256 64")
+    return champion
+
+
+def cached(md5: str) -> Path | None:
+    """The file DVC's cache keeps under `md5`, if this checkout's cache has it."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        path = Path(repo.cache.local.oid_to_path(md5))
+    return path if path.is_file() else None
+
+
+def predictions(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    ckpt = load_checkpoint(checkpoint)
+    device = select_device()
+    norm = ckpt.normalisation
+    return predict_logits(ckpt.build().to(device), images, norm["mean"], norm["std"], BATCH, device).argmax(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, params = stage.parse(__doc__, configure, argv)
+    champion = read_champion(args.champion)
+    candidate = {
+        "checkpoint_md5": hashlib.md5(args.checkpoint.read_bytes()).hexdigest(),
+        "model_sha256": sha256_file(args.exported),
+    }
+    alpha = params.gate.alpha
+    result: dict[str, Any] = {"blessed": False, "reasons": [], "champion": champion, "candidate": candidate}
+    result["test"] = (
+        f"McNemar's exact test, one-sided, per slice at alpha {alpha} and per class at alpha {alpha} / 10"
+    )
+    if candidate["checkpoint_md5"] == champion["checkpoint_md5"]:
+        result.update(blessed=True, reasons=["the candidate is the champion"], slices={})
+    elif (path := cached(champion["checkpoint_md5"])) is None:
+        result["reasons"] = [
+            f"the champion's checkpoint (MD5 {champion['checkpoint_md5']}) is not in this DVC cache: "
+            f"`dvc pull` at the commit that promoted it ({args.champion}), then `dvc repro gate`"
+        ]
+    else:
+        val_images, val_labels = processed.load_split(args.data_dir, "val")
+        reviewed_images, reviewed_labels = (torch.from_numpy(a) for a in splits.load(args.reviewed))
+        slices = {}
+        for name, images, labels in (
+            ("val", val_images, val_labels),
+            ("reviewed", reviewed_images, reviewed_labels),
+        ):
+            if len(labels) == 0:
+                continue
+            before, after = (predictions(p, images).numpy() for p in (path, args.checkpoint))
+            slices[name] = gate.judge_slice(before, after, labels.numpy(), alpha)
+        blessed, reasons = gate.verdict(slices)
+        result.update(blessed=blessed, reasons=reasons, slices=slices)
+    write_json(args.metrics, result)
+    verdict = "blessed" if result["blessed"] else "not blessed"
+    print(f"gate: {verdict} against champion {champion['model_sha256'][:12]}: " + "; ".join(result["reasons"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage.run(main))
