@@ -19,7 +19,17 @@ each seed the baseline is the pipeline at that seed without corrections.
 - flips: every digit sent, 20 % of the labels replaced by a random other digit (careless users);
 - targeted: clean plus one more submitter sending 7s labelled 1, as many as 20 % of all records,
   defended and naive;
-- heavy: clean plus one honest writer sending as many records as that adversary, labelled right.
+- heavy: clean plus one honest writer sending as many records as that adversary, labelled right;
+- adaptive_<identities>_<share>: clean plus the adaptive adversary, who reads docs/feedback.md and
+  queries the model: for each 7 it labels 1 it sends three digits labelled with the model's second
+  guess (wrong, never implausible), under 1 identity or spread over 10, as 20 % or 50 % of all
+  records; defended, at seed 42 only.
+
+In every scenario a reviewer (`mnist-feedback review`) looks at up to REVIEWS corrections of the
+held-out submitters, accepting the right labels and rejecting the wrong ones: the user-style digits
+no attacker labelled that the gate judges a candidate on, besides the validation split. The model
+before the loop is the champion; the model *served* after it is the candidate if the gate blessed
+it (`mnist-promote`), else the model before; the held-out figures are the served model's.
 
 Then the store: `snapshot` + `dvc push` of 1,000 new records on top of 10,000 (to a local DVC
 remote) against the first 10,000. `/feedback` under load is bench_serve.py's.
@@ -43,12 +53,14 @@ from pathlib import Path
 import common
 import numpy as np
 import writers
+import yaml
 
 from mnist_pipeline.exported import load_model
 from mnist_pipeline.images import prepare
 
 WRITERS, PER_DIGIT, CORRECTING = 60, 10, 40
 ADVERSARIAL, FLIPS, CONFIRMED = 0.2, 0.2, 0.1
+REVIEWS = 300  # corrections of held-out submitters a person looks at in each loop
 TARGET = (7, 1)  # the adversary's aim: held-out 7s read as 1
 SALT = hashlib.sha256(b"bench_feedback").digest()  # the pseudonym key of every scenario's store
 SCENARIOS = {  # name: (what is sent, defence)
@@ -59,7 +71,12 @@ SCENARIOS = {  # name: (what is sent, defence)
     "targeted_defended": ("targeted", True),
     "targeted_naive": ("targeted", False),
     "heavy_defended": ("heavy", True),
+    "adaptive_1_20": ("adaptive:1:0.2", True),
+    "adaptive_10_20": ("adaptive:10:0.2", True),
+    "adaptive_1_50": ("adaptive:1:0.5", True),
+    "adaptive_10_50": ("adaptive:10:0.5", True),
 }
+ONE_SEED = {name for name in SCENARIOS if name.startswith("adaptive")}  # run at the first seed only
 BIN = Path(common.DVC).parent
 
 
@@ -86,8 +103,9 @@ def scores(predicted: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def labelled_rows(rows: list[tuple[Path, int, str]], sent: str, extra: list[Path], seed: int,
-                  predicted: np.ndarray) -> list[list]:
-    """The CSV rows one scenario imports; `predicted` is the model's reading of each of `rows`."""
+                  predicted: np.ndarray, adaptive: list[tuple[Path, int]]) -> list[list]:
+    """The CSV rows one scenario imports; `predicted` is the model's reading of each of `rows`, `adaptive` the
+    adaptive adversary's digits with the labels it chose."""
     rng = random.Random(seed)
     out = []
     for (path, digit, writer), answer in zip(rows, predicted, strict=True):
@@ -101,11 +119,43 @@ def labelled_rows(rows: list[tuple[Path, int, str]], sent: str, extra: list[Path
         out += [[str(p), TARGET[1], "mallory"] for p in extra if p.parent.name == "mallory"]
     if sent == "heavy":
         out += [[str(p), int(p.name[0]), "hank"] for p in extra if p.parent.name == "hank"]
+    if sent.startswith("adaptive"):
+        _, identities, share = sent.split(":")
+        n = round(len(out) * float(share) / (1 - float(share)))
+        out += [[str(path), label, f"adaptive{i % int(identities)}"] for i, (path, label) in enumerate(adaptive[:n])]
     return out
 
 
+def adaptive_labels(model: Path, files: list[Path]) -> list[tuple[Path, int]]:
+    """The adaptive adversary's labels: every fourth file is a 7, called 1; the others get the model's second guess."""
+    probs = load_model(model).probabilities(np.stack([prepare(p.read_bytes()) for p in files]))
+    return [(p, TARGET[1] if i % 4 == 0 else int(np.argsort(q)[-2])) for i, (p, q) in enumerate(zip(files, probs))]
+
+
+def review(repo: Path, rows: list[list], policy: dict) -> dict:
+    """A person reviews up to REVIEWS corrections of held-out submitters: accept the right labels, reject the wrong."""
+    from mnist_pipeline.feedback.curate import held_out
+
+    exported = [json.loads(line) for line in sh([str(BIN / "mnist-feedback"), "export"], repo).splitlines()]
+    corrections = [r for r in exported if r["kind"] == "correction"]
+    assert len(corrections) == len(rows)  # imported in order, one record a row
+    truth = {r["id"]: digit_of(Path(row[0])) == int(row[1]) for r, row in zip(corrections, rows)}
+    held = [r["id"] for r in corrections if held_out(r["submitter"], policy["user_split"], policy["split_key"])]
+    chosen = random.Random(0).sample(held, min(REVIEWS, len(held)))
+    args = [a for i in chosen for a in (("--accept" if truth[i] else "--reject"), i)]
+    if args:
+        sh([str(BIN / "mnist-feedback"), "review", *args], repo)
+    return {"reviewed": len(chosen), "accepted": sum(truth[i] for i in chosen)}
+
+
+def digit_of(path: Path) -> int:
+    """The digit a population file shows: writers.py and this file name each `<digit>_<n>.png`."""
+    return int(path.name[0])
+
+
 def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population: dict) -> dict:
-    """A clone at the committed model, `seed` set, its baseline reproduced, then one loop of what `sent` says."""
+    """A clone at the committed model, `seed` set, its baseline reproduced and made the champion, then one loop of
+    what `sent` says, reviewed, gated, and served only if blessed."""
     repo = common.clone(work, name)
     set_params(repo, seed, defence)
     # One key for every scenario's store, as one project's stores share it: the same writers are held out
@@ -114,21 +164,33 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
     salt.write_bytes(SALT)
     sh([str(BIN / "mnist-feedback"), "salt", "--import", str(salt)], repo)
     sh([common.DVC, "repro", "-q"], repo)  # the baseline at this seed (a cache hit at 42)
-    before = json.loads((repo / "metrics" / "eval.json").read_text())
     model = repo / "models" / "export" / "model.onnx"
+    before_model = repo.parent / f"{name}.before.onnx"
+    before_model.write_bytes(model.read_bytes())
+    champion = {"version": None,
+                "checkpoint_md5": hashlib.md5((repo / "models" / "checkpoint.pt").read_bytes()).hexdigest(),
+                "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    (repo / "models" / "champion.json").write_text(json.dumps(champion, indent=2) + "\n")  # the model before the loop
+    before = json.loads((repo / "metrics" / "eval.json").read_text())
     held_x, held_y = population["held"]
     baseline, target_before = scores(predictions(model, held_x), held_y)
+    adaptive = adaptive_labels(model, population["adaptive"]) if sent.startswith("adaptive") else []
     rows = labelled_rows(population["correcting"], sent, population["extra"], seed,
-                         predictions(model, population["correcting_x"]))
+                         predictions(model, population["correcting_x"]), adaptive)
     with (work / f"{name}.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows(rows)
     sh([str(BIN / "mnist-feedback"), "import", str(work / f"{name}.csv")], repo)
+    policy = yaml.safe_load((repo / "params.yaml").read_text())["feedback"]
+    reviewed = review(repo, rows, policy)
     sh([str(BIN / "mnist-feedback"), "snapshot"], repo)
     seconds, stages = common.timed_stages([common.DVC, "repro"], repo, dict(os.environ))
     after = json.loads((repo / "metrics" / "eval.json").read_text())
     curated = json.loads((repo / "metrics" / "curate.json").read_text())
     card = json.loads((repo / "models" / "model_card.json").read_text())
-    accuracy, target_after = scores(predictions(model, held_x), held_y)
+    verdict = json.loads((repo / "metrics" / "gate.json").read_text())
+    candidate, candidate_target = scores(predictions(model, held_x), held_y)
+    served = model if verdict["blessed"] else before_model
+    accuracy, target_after = scores(predictions(served, held_x), held_y)
     result = {
         "seed": seed,
         "defence": defence,
@@ -137,21 +199,29 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
         "held_out_accuracy_after": round(accuracy, 4),
         "target_error_before": round(target_before, 4),
         "target_error_after": round(target_after, 4),
+        "candidate_held_out_accuracy": round(candidate, 4),
+        "candidate_target_error": round(candidate_target, 4),
+        "blessed": verdict["blessed"],
+        "gate_reasons": verdict["reasons"],
+        "gate_images": {k: v["overall"]["images"] for k, v in verdict.get("slices", {}).items()},
         "mnist_test_before": before["accuracy"],
-        "mnist_test_after": after["accuracy"],
+        "mnist_test_after": after["accuracy"] if verdict["blessed"] else before["accuracy"],
+        "candidate_mnist_test": after["accuracy"],
         "user_split_after": after["users"],
         "admitted": curated["admitted"],
         "passed": round((curated["admitted"] + curated["user_split"]["samples"]) / curated["corrections"], 4),
         "quarantined": curated["quarantined"],
+        "review": reviewed,
         "card_feedback": card["feedback"],
         "repro_seconds": round(seconds, 1),
         "stage_seconds": stages,
     }
-    print(f"{name}: held-out users {result['held_out_accuracy_before']:.4f} → {result['held_out_accuracy_after']:.4f}, "
+    print(f"{name}: {'blessed' if verdict['blessed'] else 'NOT blessed'} {verdict['reasons']}; served: held-out users "
+          f"{result['held_out_accuracy_before']:.4f} → {result['held_out_accuracy_after']:.4f}, "
           f"7 read as 1 {target_before:.4f} → {target_after:.4f}, "
-          f"MNIST test {result['mnist_test_before']:.4f} → {result['mnist_test_after']:.4f}, "
-          f"{result['admitted']} admitted, {result['passed']:.1%} passed, quarantined {result['quarantined']}",
-          flush=True)
+          f"MNIST test {result['mnist_test_before']:.4f} → {result['mnist_test_after']:.4f}; candidate {candidate:.4f}, "
+          f"7 as 1 {candidate_target:.4f}; {result['admitted']} admitted, {result['passed']:.1%} passed, "
+          f"quarantined {result['quarantined']}", flush=True)
     return result
 
 
@@ -214,7 +284,16 @@ def main() -> None:
                 path = work / "population" / name / f"{digits[i % len(digits)]}_{i}.png"
                 path.write_bytes(writers.draw(hand, digits[i % len(digits)], rng))
                 extra.append(path)
+        adaptive = []  # the adaptive adversary's digits: a 7 in every four, the others every digit in turn
+        hand = writers.writer(rng, "adaptive")
+        (work / "population" / "adaptive").mkdir()
+        for i in range(len(correcting)):  # as many as the clean records: 50 % of all at most
+            digit = TARGET[0] if i % 4 == 0 else (i // 4) % 10
+            path = work / "population" / "adaptive" / f"{digit}_{i}.png"
+            path.write_bytes(writers.draw(hand, digit, rng))
+            adaptive.append(path)
         population = {
+            "adaptive": adaptive,
             "correcting": correcting,
             "correcting_x": np.stack([prepare(p.read_bytes()) for p, _, _ in correcting]),
             "held": (np.stack([prepare(p.read_bytes()) for p, _, _ in held_rows]),
@@ -223,6 +302,8 @@ def main() -> None:
         }
         for seed in args.seeds:
             for name in args.scenarios:
+                if name in ONE_SEED and seed != args.seeds[0]:
+                    continue
                 sent, defence = SCENARIOS[name]
                 results["scenarios"][name].append(loop(work, f"{name}-{seed}", seed, sent, defence, population))
         results["snapshot"] = snapshot_costs(work, correcting)
@@ -230,7 +311,9 @@ def main() -> None:
     for name, runs in results["scenarios"].items():
         summary[name] = {k: round(float(np.mean([r[k] for r in runs])), 4) for k in
                          ("held_out_accuracy_before", "held_out_accuracy_after", "target_error_before",
-                          "target_error_after", "mnist_test_before", "mnist_test_after", "passed")}
+                          "target_error_after", "mnist_test_before", "mnist_test_after", "passed",
+                          "candidate_held_out_accuracy", "candidate_target_error")}
+        summary[name]["blessed"] = [r["blessed"] for r in runs]
         summary[name]["mnist_test_change_points"] = round(
             100 * (summary[name]["mnist_test_after"] - summary[name]["mnist_test_before"]), 3)
         summary[name]["held_out_error_ratio"] = round(
@@ -239,7 +322,15 @@ def main() -> None:
         reference = "wrong_only_naive" if name.startswith("wrong_only") else "clean"
         if reference not in summary:
             continue
-        gain = summary[reference]["held_out_accuracy_after"] - summary[reference]["held_out_accuracy_before"]
+        ref = summary[reference]
+        if name in ONE_SEED:  # against the clean loop at the same seed
+            first = results["scenarios"][reference][0]
+            ref = {k: first[k] for k in ("held_out_accuracy_before", "held_out_accuracy_after", "target_error_after",
+                                         "mnist_test_after")}
+            summary[name]["reference_target_error_after"] = ref["target_error_after"]
+            summary[name]["mnist_test_against_reference_points"] = round(
+                100 * (summary[name]["mnist_test_after"] - ref["mnist_test_after"]), 3)
+        gain = ref["held_out_accuracy_after"] - ref["held_out_accuracy_before"]
         summary[name]["share_of_reference_gain"] = round(
             (summary[name]["held_out_accuracy_after"] - summary[name]["held_out_accuracy_before"]) / gain, 3)
         summary[name]["reference"] = reference

@@ -19,6 +19,10 @@
   every 201 is a committed transaction (docs/feedback.md);
 - the fleet: two 1-worker servers sharing one PostgreSQL store, each under its own `ab` at once,
   against one 1-worker server on such a store alone, alternated over ROUNDS rounds;
+- the switch under load: `ab -k -c 8` for 30 s on a 2-worker server following a model base path
+  (`--model DIR`), with a promotion (`registry.publish`, as `mnist-promote` does) 10 s in and
+  `mnist-promote rollback` 10 s later, against the same 30 s with no switch: non-2xx answers, p99,
+  and the seconds from each step until `/healthz` names the new model 20 times running (both workers);
 - where a request's CPU goes: each step of one request timed in this process (multipart parsing,
   decoding, preparation, inference, the answer's PNG and JSON), median of repeats.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import shutil
 import signal
@@ -34,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -42,11 +49,13 @@ from starlette.formparsers import MultiPartParser
 
 import common
 import loadgen
-from mnist_pipeline import images
+from mnist_pipeline import images, registry
 from mnist_pipeline.exported import load_model
+from mnist_pipeline.fileio import sha256_file
 from mnist_pipeline.serving.app import WEB_MAX_PIXELS, compact_json, png_data_url
 
 CLIENTS, REQUESTS, ROUNDS, HEALTH_SECONDS = 8, 4000, 3, 5
+SWITCH_SECONDS, SWITCH_AT, STREAK = 30, 10, 20
 AB = shutil.which("ab")
 
 
@@ -103,6 +112,60 @@ def throughput(model: Path, body: Path, kind: str, workers: int) -> dict:
         return result
     finally:
         stop(proc)
+
+
+def serving_after(url: str, sha: str, since: float) -> float:
+    """Seconds from `since` to the first of STREAK `/healthz` answers in a row that name `sha`."""
+    streak, first = 0, 0.0
+    while streak < STREAK:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            named = json.loads(response.read())["model_sha256"]
+        if named == sha:
+            first, streak = (first if streak else time.perf_counter()), streak + 1
+        else:
+            streak = 0
+        time.sleep(0.02)
+    return round(first - since, 2)
+
+
+def switch(model: Path, body: Path, kind: str, folder: Path) -> dict:
+    """A promotion and a rollback under load, against the same load with neither."""
+    import onnx
+
+    other = folder / "other.onnx"  # the same graph and one more metadata entry: another file, another SHA-256
+    graph = onnx.load(str(model))
+    graph.metadata_props.add(key="bench_serve", value="promoted")
+    onnx.save(graph, str(other))
+    base = folder / "serving"
+    registry.publish(base, {"model.onnx": model})
+    shas = [sha256_file(model), sha256_file(other)]
+    proc, url = start(base, 2)
+    load = ("-k", "-c", str(CLIENTS), "-t", str(SWITCH_SECONDS), "-n", "100000000")
+    try:
+        ab(url + "/predict", "-k", "-c", str(CLIENTS), "-n", "500", body=body, kind=kind)  # warm-up
+        steady = ab(url + "/predict", *load, body=body, kind=kind)
+        events: dict = {}
+
+        def steps() -> None:
+            start_at = time.perf_counter()
+            time.sleep(SWITCH_AT)
+            promoted = time.perf_counter()
+            events["version"] = registry.publish(base, {"model.onnx": other})
+            events["promoted_served_after_s"] = serving_after(url, shas[1], promoted)
+            time.sleep(max(0.0, start_at + 2 * SWITCH_AT - time.perf_counter()))
+            rolled = time.perf_counter()
+            subprocess.run([shutil.which("mnist-promote") or "mnist-promote", "rollback", "--to", str(base)],
+                           check=True, capture_output=True)
+            events["rolled_back_served_after_s"] = serving_after(url, shas[0], rolled)
+
+        with ThreadPoolExecutor(1) as pool:
+            timeline = pool.submit(steps)
+            switching = ab(url + "/predict", *load, body=body, kind=kind)
+            timeline.result()
+    finally:
+        stop(proc)
+    return {"steady": steady, "switching": switching, **events,
+            "p99_ratio": round(switching["latency_ms"]["p99"] / max(steady["latency_ms"]["p99"], 1.0), 2)}
 
 
 UNLIMITED = ("--feedback-rate", "1000000", "--feedback-burst", "1000000")
@@ -261,6 +324,8 @@ def main() -> None:
                             "median_round": sorted(fleets, key=lambda r: r["two_over_one"])[len(fleets) // 2]}
         results["stall"] = stall(model, Path(tmp))
         print(f"stall: {results['stall']}")
+        results["switch"] = switch(model, Path(tmp) / "body.bin", kind, Path(tmp))
+        print(f"switch: {results['switch']}")
     results["cpu_us_per_request"] = cpu_breakdown(model, upload)
     results["cpu_us_per_request"]["total of the steps"] = round(sum(results["cpu_us_per_request"].values()), 1)
     print(f"CPU per request (µs): {results['cpu_us_per_request']}")

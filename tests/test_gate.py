@@ -6,21 +6,20 @@ import hashlib
 import json
 import subprocess
 import time
-from dataclasses import replace
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
+from conftest import META
 from helpers import BIN, ROOT, run, served
+
 from mnist_pipeline import export, gate, registry
 from mnist_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from mnist_pipeline.fileio import sha256_file, write_json
 from mnist_pipeline.models import CNN
-
-from conftest import META
 
 
 def test_mcnemar_is_exact_and_one_sided():

@@ -5,7 +5,7 @@
                                                                FOLDER/<digit>/*.png, or rows file,label[,submitter]
     mnist-feedback status                                      counts per class and submitter, agreement with the model
     mnist-feedback snapshot                                    new records → a DVC-tracked shard; prints what to commit
-    mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on corrections (asks about the quarantined)
+    mnist-feedback review [--accept ID…] [--reject ID…]        a person's verdict on any correction (asks: quarantined)
     mnist-feedback retire                                      delete from the store what DVC-tracked shards hold
     mnist-feedback export [--format jsonl|csv]                 one line per record, for pandas, SQL and operators
     mnist-feedback migrate DIR                                 a segment store (before the database) → this store
