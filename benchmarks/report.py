@@ -218,6 +218,19 @@ def serve() -> str:
                       f"{fb['non_2xx']} non-2xx of {fb['requests']:,}, against `/predict`'s "
                       f"{pr['requests_per_second']:,.0f} requests/s on the same server in the same round "
                       f"({server['feedback_share_of_predict']:.2f}×), median of {len(r[key]['rounds'])} rounds."]
+    if "switch" in r:
+        sw = r["switch"]
+        ok = (sw["switching"]["non_2xx"] == 0 and sw["switching"]["failed"] == 0 and sw["p99_ratio"] <= 2
+              and sw["promoted_served_after_s"] <= 10 and sw["rolled_back_served_after_s"] <= 10)
+        lines += ["", f"The switch under load: `ab -k -c 8 -t 30` on a 2-worker server following a model base path "
+                      f"(`--model models/serving`), a promotion 10 s in and `mnist-promote rollback` 10 s later: "
+                      f"{sw['switching']['requests']:,} requests, {sw['switching']['non_2xx']} non-2xx, "
+                      f"{sw['switching']['failed']} failed, p99 {ms(sw['switching']['latency_ms']['p99'])} against "
+                      f"{ms(sw['steady']['latency_ms']['p99'])} with no switch in the same run "
+                      f"({sw['p99_ratio']:.2f}×); `/healthz` named the new model {sw['promoted_served_after_s']:.2f} s "
+                      f"after the promotion and the old one {sw['rolled_back_served_after_s']:.2f} s after the "
+                      f"rollback (20 answers in a row, both workers). Goal (issue 36): 0 non-2xx, p99 ≤ 2× steady, "
+                      f"each switch within 10 s: {met(ok)}."]
     if "fleet" in r:
         fleet = r["fleet"]["median_round"]
         lines += ["", f"Two 1-worker servers sharing one PostgreSQL store, each under its own `ab` at once: "
@@ -301,7 +314,28 @@ def feedback_block() -> str:
                      f"{pct(row['mnist_test_before'])} → {pct(row['mnist_test_after'])} "
                      f"({row['mnist_test_change_points']:+.2f} pts) | {pct(row['passed'])} | "
                      f"{row['share_of_reference_gain']:.0%} of {row['reference'].replace('_', ' ')} |")
-    lines += ["", "\"Passed curation\" is the share of the corrections admitted or kept in the user split."]
+    lines += ["", "\"Passed curation\" is the share of the corrections admitted or kept in the user split. In every "
+                  "loop a reviewer looked at up to 300 corrections of held-out submitters (accepting the right labels, "
+                  "rejecting the wrong); the gate compared the candidate with the model before the loop on the "
+                  "validation split and those accepted digits, and the figures are the *served* model's: the "
+                  "candidate if blessed, else the model before. Gate verdicts per seed: "
+              + "; ".join(f"{name.replace('_', ' ')} {'/'.join('blessed' if b else 'refused' for b in row['blessed'])}"
+                          for name, row in summary.items() if name in FEEDBACK_ROWS) + "."]
+    adaptive = {k: v for k, v in summary.items() if k.startswith("adaptive_")}
+    if adaptive:
+        lines += ["", f"The adaptive adversary (seed {r['seeds'][0]}, against the clean loop at that seed): it queries "
+                      "the model and sends three digits labelled with its second guess (wrong, never implausible) "
+                      "for each 7 labelled 1, under 1 identity or 10:", "",
+                  "| identities | share of all records | gate | served: held-out users | held-out 7s read as 1 "
+                  "(clean loop) | MNIST test against the clean loop | of the clean gain | candidate's 7s read as 1 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, row in adaptive.items():
+            _, ids, share = name.split("_")
+            lines.append(f"| {ids} | {share} % | {'blessed' if all(row['blessed']) else 'refused'} | "
+                         f"{pct(row['held_out_accuracy_before'])} → {pct(row['held_out_accuracy_after'])} | "
+                         f"{pct(row['target_error_after'])} ({pct(row['reference_target_error_after'])}) | "
+                         f"{row['mnist_test_against_reference_points']:+.2f} pts | "
+                         f"{row['share_of_reference_gain']:.0%} | {pct(row['candidate_target_error'])} |")
     clean, wrong, attacked = summary["clean"], summary["wrong_only_defended"], summary["targeted_defended"]
     snap = r["snapshot"]
     served = load("serve")
@@ -332,6 +366,7 @@ def feedback_block() -> str:
               f"{', '.join(f'{m:.0f}' for m in server['peak_rss_mb_by_process'])} MB by process; `ab -k -c 8`, "
               f"the 200×200 PNG of `bench_serve.py` and a label; {where});",
               *postgres_goals(served),
+              *adaptive_goals(summary),
               f"- snapshot and push cost grows with the new records only: uploaded bytes "
               f"{met(snap['bytes_ratio'] <= 2 * nxt['records'] / first['records'])}, time not shown at this size "
               f"(10,000 records: {secs(first['snapshot_and_push_seconds'])}, {first['uploaded_bytes'] / 1e6:.1f} MB "
@@ -339,6 +374,33 @@ def feedback_block() -> str:
               f"{nxt['uploaded_bytes'] / 1e6:.1f} MB: {snap['bytes_ratio']:.0%} of the bytes but {snap['time_ratio']:.0%} "
               f"of the time, which is mostly the fixed cost of starting `dvc add` and `dvc push`; a local DVC remote)."]
     return "\n".join(lines) + "\n"
+
+
+def adaptive_goals(summary: dict) -> list[str]:
+    """Issue 36's goals for the adaptive adversary and the honest loops' blessing."""
+    if "adaptive_1_20" not in summary:
+        return []
+    at20 = [summary[f"adaptive_{n}_20"] for n in (1, 10)]
+    at50 = [summary[f"adaptive_{n}_50"] for n in (1, 10)]
+    ok20 = all(a["target_error_after"] <= a["reference_target_error_after"]
+               and a["mnist_test_against_reference_points"] >= -0.05 and a["share_of_reference_gain"] >= 0.8
+               for a in at20)
+    ok50 = all(a["held_out_accuracy_after"] >= a["held_out_accuracy_before"]
+               and a["target_error_after"] <= a["target_error_before"] for a in at50)
+    honest = [b for name in ("clean", "wrong_only_defended") for b in summary[name]["blessed"]]
+    return [f"- the adaptive adversary at 20 %, 1 and 10 identities, defended: the served model reads held-out 7s "
+            f"as 1 no more often than after the clean loop, MNIST test ≥ −0.05 points against it, ≥ 80 % of its gain: "
+            f"{met(ok20)} (" + "; ".join(f"{n} identit{'y' if n == 1 else 'ies'}: {pct(a['target_error_after'])} "
+                                         f"against {pct(a['reference_target_error_after'])}, "
+                                         f"{a['mnist_test_against_reference_points']:+.2f} pts, "
+                                         f"{a['share_of_reference_gain']:.0%}" for n, a in zip((1, 10), at20)) + ");",
+            f"- at 50 %, the served model never worse than the one before the loop on held-out users and on 7s read "
+            f"as 1: {met(ok50)} (" + "; ".join(f"{n}: {pct(a['held_out_accuracy_before'])} → "
+                                              f"{pct(a['held_out_accuracy_after'])}, 7 as 1 "
+                                              f"{pct(a['target_error_before'])} → {pct(a['target_error_after'])}"
+                                              for n, a in zip((1, 10), at50)) + ");",
+            f"- honest loops (every digit, wrong-only) blessed at every seed: {met(all(honest))} "
+            f"({sum(honest)} of {len(honest)});"]
 
 
 def store_block() -> str:
