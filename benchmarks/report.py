@@ -320,7 +320,7 @@ def feedback_block() -> str:
                   "validation split and those accepted digits, and the figures are the *served* model's: the "
                   "candidate if blessed, else the model before. Gate verdicts per seed: "
               + "; ".join(f"{name.replace('_', ' ')} {'/'.join('blessed' if b else 'refused' for b in row['blessed'])}"
-                          for name, row in summary.items() if name in FEEDBACK_ROWS) + "."]
+                          for name, row in summary.items() if name in FEEDBACK_ROWS and "blessed" in row) + "."]
     adaptive = {k: v for k, v in summary.items() if k.startswith("adaptive_")}
     if adaptive:
         lines += ["", f"The adaptive adversary (seed {r['seeds'][0]}, against the clean loop at that seed): it queries "
