@@ -25,7 +25,8 @@ each seed the baseline is the pipeline at that seed without corrections.
   guess (wrong, never implausible), under 1 identity or spread over 10, as 20 % or 50 % of all
   records; defended, at seed 42 only.
 
-In every scenario a reviewer (`mnist-feedback review`) looks at up to REVIEWS corrections of the
+Every submitter is imported as a CSV name, so anonymous (as on a public page without sign-in): the
+honest writers share the anonymous bound with the adversary. In every scenario a reviewer (`mnist-feedback review`) looks at up to REVIEWS corrections of the
 held-out submitters, accepting the right labels and rejecting the wrong ones: the user-style digits
 no attacker labelled that the gate judges a candidate on, besides the validation split. The model
 before the loop is the champion; the model *served* after it is the candidate if the gate blessed
@@ -207,12 +208,12 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
         "mnist_test_before": before["accuracy"],
         "mnist_test_after": after["accuracy"] if verdict["blessed"] else before["accuracy"],
         "candidate_mnist_test": after["accuracy"],
-        "user_split_after": after["users"],
+        "candidate_user_split": after["users"],
         "admitted": curated["admitted"],
         "passed": round((curated["admitted"] + curated["user_split"]["samples"]) / curated["corrections"], 4),
         "quarantined": curated["quarantined"],
         "review": reviewed,
-        "card_feedback": card["feedback"],
+        "candidate_card_feedback": card["feedback"],
         "repro_seconds": round(seconds, 1),
         "stage_seconds": stages,
     }

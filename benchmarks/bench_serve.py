@@ -118,6 +118,8 @@ def serving_after(url: str, sha: str, since: float) -> float:
     """Seconds from `since` to the first of STREAK `/healthz` answers in a row that name `sha`."""
     streak, first = 0, 0.0
     while streak < STREAK:
+        if time.perf_counter() - since > 60:
+            sys.exit(f"the server never switched to {sha[:12]}: {url}/healthz")
         with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
             named = json.loads(response.read())["model_sha256"]
         if named == sha:

@@ -321,7 +321,7 @@ def feedback_block() -> str:
                   "candidate if blessed, else the model before. Gate verdicts per seed: "
               + "; ".join(f"{name.replace('_', ' ')} {'/'.join('blessed' if b else 'refused' for b in row['blessed'])}"
                           for name, row in summary.items() if name in FEEDBACK_ROWS and "blessed" in row) + "."]
-    adaptive = {k: v for k, v in summary.items() if k.startswith("adaptive_")}
+    adaptive = {k: v for k, v in summary.items() if k.startswith("adaptive_") and "reference_target_error_after" in v}
     if adaptive:
         lines += ["", f"The adaptive adversary (seed {r['seeds'][0]}, against the clean loop at that seed): it queries "
                       "the model and sends three digits labelled with its second guess (wrong, never implausible) "
@@ -378,7 +378,8 @@ def feedback_block() -> str:
 
 def adaptive_goals(summary: dict) -> list[str]:
     """Issue 36's goals for the adaptive adversary and the honest loops' blessing."""
-    if "adaptive_1_20" not in summary:
+    needed = [f"adaptive_{n}_{share}" for n in (1, 10) for share in (20, 50)] + ["clean", "wrong_only_defended"]
+    if not all(name in summary and "blessed" in summary[name] for name in needed):
         return []
     at20 = [summary[f"adaptive_{n}_20"] for n in (1, 10)]
     at50 = [summary[f"adaptive_{n}_50"] for n in (1, 10)]

@@ -56,7 +56,7 @@ def promote(base: Path, gate: Path, model: Path, checkpoint: Path, card: Path, c
     files = {registry.MODEL: model, "gate.json": gate}
     if card.is_file():
         files["model_card.json"] = card
-    version = registry.publish(base, files)
+    version = registry.publish(base, files, expected_sha256=here["model_sha256"])
     registry.pin(base, None)
     write_json(champion, {"version": version, **here})
     return version, here["model_sha256"]

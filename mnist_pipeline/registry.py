@@ -14,12 +14,13 @@ and promoting again unpins. Nothing here imports torch or onnxruntime.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.fileio import atomic_path, fsync_dir
+from mnist_pipeline.fileio import atomic_path, fsync_dir, sha256_file
 
 MODEL = "model.onnx"
 PIN = "pin"
@@ -34,19 +35,22 @@ def is_base(path: Path) -> bool:
     return path.is_dir()
 
 
+NUMBER = re.compile(r"[0-9]{1,9}", re.ASCII)
+
+
 def versions(base: Path) -> list[int]:
     """The published versions, oldest first: folders named by a number that hold a model."""
     if not base.is_dir():
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / MODEL).is_file())
+    return sorted(int(p.name) for p in base.iterdir() if NUMBER.fullmatch(p.name) and (p / MODEL).is_file())
 
 
 def pinned(base: Path) -> int | None:
     try:
-        text = (base / PIN).read_text().strip()
+        text = (base / PIN).read_bytes().decode("ascii", "replace").strip()
     except FileNotFoundError:
         return None
-    if not text.isdigit():
+    if not NUMBER.fullmatch(text):
         raise RegistryError(f"{base / PIN}: expected a version number, got {text[:40]!r}")
     return int(text)
 
@@ -74,8 +78,9 @@ def resolve(path: Path) -> tuple[Path, int | None]:
     return model_path(path, version), version
 
 
-def publish(base: Path, files: dict[str, Path]) -> int:
-    """Copy `files` (name in the version → source; `model.onnx` among them) into a new version: its number."""
+def publish(base: Path, files: dict[str, Path], expected_sha256: str | None = None) -> int:
+    """Copy `files` (name in the version → source; `model.onnx` among them) into a new version: its number. With
+    `expected_sha256`, the copied model must have it (hashed after the copy: what is published is what was judged)."""
     if MODEL not in files:
         raise RegistryError(f"a version needs {MODEL}")
     base.mkdir(parents=True, exist_ok=True)
@@ -90,14 +95,18 @@ def publish(base: Path, files: dict[str, Path]) -> int:
                 dst.flush()
                 os.fsync(dst.fileno())
         fsync_dir(tmp)
-        while True:  # another promotion may take the next number first: then take the one after
-            version = max(versions(base), default=0) + 1
+        if expected_sha256 is not None and sha256_file(tmp / MODEL) != expected_sha256:
+            raise RegistryError(f"{files[MODEL]} changed while it was published: not the model judged")
+        taken = [int(p.name) for p in base.iterdir() if NUMBER.fullmatch(p.name)]
+        version = max([*taken, 0]) + 1
+        while True:  # another promotion (or a stray folder) may hold the number: then take the one after
             try:
                 os.rename(tmp, base / str(version))
                 break
             except OSError:
                 if not (base / str(version)).exists():
                     raise
+                version += 1
         fsync_dir(base)
         return version
     finally:

@@ -8,7 +8,8 @@ Writes: --admitted {images,labels}.npy + meta.json (what train mixes in: empty w
 feedback or with feedback.use false), --users {images,labels}.npy (submitters held out,
 never trained on: evaluate scores them), --reviewed (those of them a reviewer accepted: the gate's
 digits like users' that no attacker labelled), --report (counts, reasons, per submitter), --figure
-(samples of each group), --quarantine (the quarantined ids and reasons, for `mnist-feedback review`).
+(samples of each group), --quarantine (the review queue for `mnist-feedback review`: the quarantined ids
+and reasons, then the user split's unjudged corrections, reason `user_split`).
 Without feedback every output is empty and byte-stable, so nothing downstream reruns.
 """
 
@@ -46,12 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     splits.save(args.users, result.users)
     splits.save(args.reviewed, result.reviewed)
     write_json(args.report, report)
+    # The review queue: what was quarantined, then the held-out users' corrections no one has judged yet (a
+    # verdict on one of those makes it a digit the gate judges candidates on).
+    judged = curate.verdicts(records)
     write_json(
         args.quarantine,
         [
             {"id": r.id, "reason": reason, "label": r.label, "answer": r.answer}
             for reason, rs in result.quarantined.items()
             for r in rs
+        ]
+        + [
+            {"id": r.id, "reason": "user_split", "label": r.label, "answer": r.answer}
+            for r in result.users
+            if r.id not in judged
         ],
     )
     groups = {

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "training_data_sha256": ckpt.data,
             "best_validation": ckpt.best,
             "files_sha256": files,
+            "checkpoint_sha256": sha256_file(args.checkpoint),  # what they were exported from: the gate checks the pair
             "parity": kept,
             "environment": env,
         },

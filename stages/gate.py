@@ -2,7 +2,7 @@
 
 Params: gate (alpha).
 Reads: CHECKPOINT and EXPORTED (the candidate: its weights, and the ONNX file a promotion would
-serve), DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
+serve, which --card, the export's model card, must name as exported from those weights), DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
 stage's), --champion (models/champion.json: the blessed model's checkpoint MD5, as DVC caches it, and
 its ONNX SHA-256; `mnist-promote` rewrites it). Never the test split.
 Writes: --metrics (metrics/gate.json: `blessed`, the reasons it is not, the champion and the candidate,
@@ -19,6 +19,7 @@ import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kern
 # isort: split
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from mnist_pipeline.feedback import splits
 from mnist_pipeline.fileio import sha256_file, write_json
 
 BATCH = 1000
+HEX32, HEX64 = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{64}")
 
 
 def configure(parser) -> None:
@@ -40,6 +42,7 @@ def configure(parser) -> None:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--reviewed", type=Path, required=True)
     parser.add_argument("--champion", type=Path, required=True)
+    parser.add_argument("--card", type=Path, required=True, help="the export's model card: which checkpoint the ONNX is")
     parser.add_argument("--metrics", type=Path, required=True)
 
 
@@ -49,9 +52,18 @@ def read_champion(path: Path) -> dict[str, Any]:
         md5, sha = champion["checkpoint_md5"], champion["model_sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DatasetError(f"{path}: not a champion record ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(md5, str) and len(md5) == 32 and isinstance(sha, str) and len(sha) == 64):
-        raise DatasetError(f"{path}: checkpoint_md5 must be 32 hex digits and model_sha256 64")
+    if not (isinstance(md5, str) and HEX32.fullmatch(md5) and isinstance(sha, str) and HEX64.fullmatch(sha)):
+        raise DatasetError(f"{path}: checkpoint_md5 must be 32 lowercase hex digits and model_sha256 64")
     return champion
+
+
+def exported_from(card: Path) -> tuple[str, str] | None:
+    """(checkpoint SHA-256, ONNX SHA-256) as the export stage wrote them in the model card."""
+    try:
+        data = json.loads(card.read_text())
+        return data["checkpoint_sha256"], data["files_sha256"]["model.onnx"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cached(md5: str) -> Path | None:
@@ -82,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     result["test"] = (
         f"McNemar's exact test, one-sided, per slice at alpha {alpha} and per class at alpha {alpha} / 10"
     )
-    if candidate["checkpoint_md5"] == champion["checkpoint_md5"]:
+    card = exported_from(args.card)
+    if card != (sha256_file(args.checkpoint), candidate["model_sha256"]):
+        result["reasons"] = [
+            f"{args.exported} is not the export of {args.checkpoint} ({args.card} names another pair): "
+            "run `dvc repro export`"
+        ]
+    elif candidate["checkpoint_md5"] == champion["checkpoint_md5"]:
         result.update(blessed=True, reasons=["the candidate is the champion"], slices={})
     elif (path := cached(champion["checkpoint_md5"])) is None:
         result["reasons"] = [
@@ -103,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             slices[name] = gate.judge_slice(before, after, labels.numpy(), alpha)
         blessed, reasons = gate.verdict(slices)
         result.update(blessed=blessed, reasons=reasons, slices=slices)
+        if "reviewed" not in slices:  # not a refusal: a project may have no reviewer yet, but say what was not seen
+            result["note"] = "no reviewed digits of held-out users: judged on the validation split alone"
     write_json(args.metrics, result)
     verdict = "blessed" if result["blessed"] else "not blessed"
     print(f"gate: {verdict} against champion {champion['model_sha256'][:12]}: " + "; ".join(result["reasons"]))

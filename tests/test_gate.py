@@ -65,15 +65,45 @@ def nudge(checkpoint: Path, out: Path) -> None:
     save_checkpoint(out, replace(ckpt, state_dict=state))
 
 
-def gate_stage(repo: Path, env: dict, checkpoint: str) -> dict:
-    run([str(BIN / "python"), "stages/gate.py", checkpoint, "models/export/model.onnx", "data/processed",
-         "--reviewed", "data/curated/reviewed", "--champion", "models/champion.json",
-         "--metrics", "metrics/gate.json"], repo, env)
+def gate_stage(repo: Path, env: dict) -> dict:
+    """The gate stage's script on the workspace, with MNIST's test split out of reach."""
+    test = repo / "data" / "processed" / "test.pt"
+    test.rename(repo / "test.pt.away")
+    try:
+        run([str(BIN / "python"), "stages/gate.py", "models/checkpoint.pt", "models/export/model.onnx",
+             "data/processed", "--reviewed", "data/curated/reviewed", "--champion", "models/champion.json",
+             "--card", "models/model_card.json", "--metrics", "metrics/gate.json"], repo, env)
+    finally:
+        (repo / "test.pt.away").rename(test)
     return json.loads((repo / "metrics" / "gate.json").read_text())
+
+
+def export_stage(repo: Path, env: dict) -> None:
+    run([str(BIN / "python"), "stages/export.py", "models/checkpoint.pt", "data/processed", "models/export",
+         "--eval", "metrics/eval.json", "--metrics", "metrics/export.json", "--card", "models/model_card.json",
+         "--parity", "logs/export_parity.json", "--lock", "requirements.txt"], repo, env)
 
 
 def promote(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return run([str(BIN / "mnist-promote"), *args], repo, env, check=check)
+
+
+def reviewed_sevens(repo: Path, champion: Path, n: int = 20) -> None:
+    """A reviewed slice of held-out users' digits: n copies of validation 7s the champion reads right."""
+    from mnist_pipeline import processed
+    from mnist_pipeline.engine import predict_logits
+    from mnist_pipeline.feedback import splits
+
+    images, labels = processed.load_split(repo / "data" / "processed", "val")
+    ckpt = load_checkpoint(champion)
+    read = predict_logits(ckpt.build(), images, ckpt.normalisation["mean"], ckpt.normalisation["std"], 100,
+                          torch.device("cpu")).argmax(1)
+    sevens = images[(labels == 7) & (read == 7)].numpy()
+    assert len(sevens)
+    out = repo / "data" / "curated" / "reviewed"
+    np.save(out / "images.npy", np.repeat(sevens[:1], n, axis=0), allow_pickle=False)
+    np.save(out / "labels.npy", np.full(n, 7, np.int64), allow_pickle=False)
+    assert len(splits.load(out)[0]) == n
 
 
 def test_only_a_blessed_candidate_is_promoted_and_the_gate_never_reads_test(tiny_project):
@@ -87,23 +117,33 @@ def test_only_a_blessed_candidate_is_promoted_and_the_gate_never_reads_test(tiny
     verdict = json.loads((repo / "metrics" / "gate.json").read_text())
     assert verdict["blessed"] and verdict["reasons"] == ["the candidate is the champion"]
 
-    (repo / "data" / "processed" / "test.pt").unlink()  # the gate must not need the test split
-    swap_classes(ckpt, repo / "swapped.pt", 1, 7)
-    worse = gate_stage(repo, env, "swapped.pt")
+    original = cached_champion(repo, champion)
+    for bad in ("../../../../../../../../tmp/x.pt", "A" * 32):  # a champion record is checked before it is used
+        write_json(repo / "models" / "champion.json", {**champion, "checkpoint_md5": bad})
+        assert "32 lowercase hex digits" in run([str(BIN / "dvc"), "repro", "gate"], repo, env, check=False).stderr
+    write_json(repo / "models" / "champion.json", champion)
+
+    swap_classes(original, ckpt, 1, 7)  # a candidate that reads 7s as 1, exported as the pipeline would
+    export_stage(repo, env)
+    reviewed_sevens(repo, original)
+    worse = gate_stage(repo, env)
     assert not worse["blessed"] and worse["champion"] == champion
     assert worse["reasons"][0].startswith("val: worse overall")  # 100 val images: too few to judge a class alone
-    assert worse["slices"]["val"]["per_class"]["7"]["only_champion"] > 0
-
-    shutil_copy(repo / "swapped.pt", ckpt)
+    assert any(r.startswith("reviewed: class 7 worse (20 images only the champion got right") for r in worse["reasons"])
     refused = promote(repo, env, check=False)
     assert refused.returncode == 2 and "not blessed" in refused.stderr and not (repo / "models" / "serving").exists()
 
-    # A candidate with the champion's answers on every image: blessed on the evidence, not by identity.
-    nudge(cached_champion(repo, champion), ckpt)
-    same = gate_stage(repo, env, "models/checkpoint.pt")
-    assert same["blessed"] and same["reasons"] == [] and same["slices"]["val"]["overall"]["only_candidate"] == 0
+    nudge(original, ckpt)  # other weights, the same answers; the ONNX file is still the swapped one's
+    mismatch = gate_stage(repo, env)
+    assert not mismatch["blessed"] and "is not the export of" in mismatch["reasons"][0]
 
-    stale = promote(repo, env, "--model", "swapped.pt", check=False)
+    export_stage(repo, env)  # now it is: blessed on the evidence, not by identity
+    same = gate_stage(repo, env)
+    assert same["blessed"] and same["reasons"] == [] and "note" not in same
+    assert same["slices"]["reviewed"]["per_class"]["7"]["images"] == 20
+    assert same["slices"]["val"]["overall"]["only_candidate"] == 0
+
+    stale = promote(repo, env, "--model", "models/export/model.pt2", check=False)
     assert stale.returncode == 2 and "blessed another model" in stale.stderr
     out = promote(repo, env).stdout
     assert "as version 1 of models/serving" in out
@@ -114,10 +154,6 @@ def test_only_a_blessed_candidate_is_promoted_and_the_gate_never_reads_test(tiny
     again = promote(repo, env, check=False)  # the verdict was against the champion before
     assert again.returncode == 2 and "another champion" in again.stderr
     assert "nothing to roll back to" in promote(repo, env, "rollback", check=False).stderr
-
-
-def shutil_copy(src: Path, dst: Path) -> None:
-    dst.write_bytes(src.read_bytes())
 
 
 def cached_champion(repo: Path, champion: dict) -> Path:
@@ -146,6 +182,23 @@ def switched(url: str, sha: str, timeout: float = 10.0) -> float:
             return time.monotonic() - start
         time.sleep(0.1)
     raise AssertionError(f"not serving {sha[:12]} after {timeout} s: {health(url)}")
+
+
+def test_stray_entries_in_a_base_path_are_never_versions(tmp_path):
+    base = tmp_path / "serving"
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"bytes")
+    (base / "1").mkdir(parents=True)  # a number with no model in it, a file named 2, a non-ASCII digit
+    (base / "2").write_text("")
+    (base / "\u00b2").mkdir()
+    assert registry.versions(base) == [] and registry.current(base) is None
+    assert registry.publish(base, {"model.onnx": model}) == 3  # past whatever holds 1 and 2
+    with pytest.raises(registry.RegistryError, match="changed while it was published"):
+        registry.publish(base, {"model.onnx": model}, expected_sha256="0" * 64)
+    assert registry.versions(base) == [3]
+    (base / "pin").write_bytes("\u00b2".encode())
+    with pytest.raises(registry.RegistryError, match="expected a version number"):
+        registry.current(base)
 
 
 def test_a_running_server_follows_promotions_and_rollbacks_and_never_serves_a_bad_file(tmp_path):

@@ -182,9 +182,10 @@ def test_a_real_process_prints_the_one_line_and_exits_non_zero(work, case):
     one_line(result.returncode, result.stderr, fragment)
 
 
-ARGS = {"download": 1, "preprocess": 2, "curate": 1, "teacher": 2, "train": 1, "evaluate": 2, "export": 3}
+ARGS = {"download": 1, "preprocess": 2, "curate": 1, "teacher": 2, "train": 1, "evaluate": 2, "export": 3, "gate": 3}
 OPTIONS = {"teacher": ["--metrics=x", "--timing=x"],
-           "curate": [f"--{o}=x" for o in ("admitted", "users", "report", "figure", "quarantine")],
+           "curate": [f"--{o}=x" for o in ("admitted", "users", "reviewed", "report", "figure", "quarantine")],
+           "gate": ["--reviewed=x", "--champion=x", "--card=x", "--metrics=x"],
            "train": [f"--{o}=x" for o in ("teacher", "checkpoint", "metrics", "history", "timing", "live", "state-dir")],
            "evaluate": [f"--{o}=x" for o in ("history", "metrics", "confusion", "confusion-png", "misclassified-png",
                                              "curves-png", "reliability-png")],
@@ -199,7 +200,7 @@ def typo(tmp_path) -> Path:
     return params
 
 
-@pytest.mark.parametrize("name", ["download", "preprocess", "curate", "teacher", "train", "evaluate", "export"])
+@pytest.mark.parametrize("name", ["download", "preprocess", "curate", "teacher", "train", "evaluate", "export", "gate"])
 def test_params_typo_is_exit_2_in_every_stage(typo, name, capsys, monkeypatch):
     code, err = in_process(name, *["x"] * ARGS[name], *OPTIONS.get(name, []), params=typo, capsys=capsys,
                            monkeypatch=monkeypatch, env={})

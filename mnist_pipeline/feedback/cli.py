@@ -306,7 +306,8 @@ def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str
             print(ascii_digit(rec.image))
             print(
                 f"{item_id}: labelled {rec.label}, the model said {rec.answer} "
-                f"(p(label) {rec.probabilities[rec.label]:.3f}); quarantined: {reason}"
+                f"(p(label) {rec.probabilities[rec.label]:.3f}); "
+                + ("a held-out user's: judged, it is a gate digit" if reason == "user_split" else f"quarantined: {reason}")
             )
             choice = input("[a]ccept  [r]eject  [s]kip  [q]uit? ").strip().lower()[:1]
             if choice == "q":

@@ -36,6 +36,7 @@ one image) keep the latest label. The policy is params.yaml's `feedback:` sectio
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,9 +63,15 @@ class Curated:
 
 
 def held_out(submitter: str, share: float, key: str) -> bool:
-    """Whether a submitter's records form part of the user split: a keyed hash, stable as records arrive."""
-    digest = hashlib.sha256(f"{key}:{submitter}".encode()).digest()
+    """Whether a submitter's records form part of the user split: a keyed hash, stable as records arrive. The
+    pseudonym's kind letter is not hashed, so an address keyed `s…` before the letter existed is on the same side."""
+    digest = hashlib.sha256(f"{key}:{identity_key(submitter)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def identity_key(submitter: str) -> str:
+    """A pseudonym without its kind letter (records.pseudonym); any other name as it is."""
+    return submitter[1:] if re.fullmatch(r"[as][0-9a-f]{15}", submitter) else submitter
 
 
 def image_key(r: Record) -> bytes:
@@ -106,11 +113,13 @@ def trusted(corrections: list[Record], reviewed: dict[str, str], needed: int) ->
 
 
 def corroborated(corrections: list[Record]) -> set[str]:
-    """Ids of corrections whose label another submitter gave the same image: independent agreement."""
+    """Ids of corrections whose label another submitter whose identity cost something (signed in, a token, an
+    operator) gave the same image: independent agreement. Anonymous copies agree with whatever they are told to."""
     givers: dict[tuple[bytes, int], set[str]] = defaultdict(set)
     for r in corrections:
-        givers[(image_key(r), r.label)].add(r.submitter)
-    return {r.id for r in corrections if len(givers[(image_key(r), r.label)]) > 1}
+        if not anonymous(r.submitter):
+            givers[(image_key(r), r.label)].add(r.submitter)
+    return {r.id for r in corrections if givers[(image_key(r), r.label)] - {r.submitter}}
 
 
 def round_robin(candidates: list[Record], room: int) -> tuple[list[Record], list[Record]]:
@@ -137,9 +146,11 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
     out.held_out_submitters = users
     # An image a held-out user sent is held out under every pseudonym: scored once, trained on by no one.
     held_images: dict[bytes, Record] = {}
-    for r in corrections:
+    for r in corrections:  # the copy scored: one a reviewer accepted, else the earliest
         if r.submitter in users and reviewed.get(r.id) != "reject":
-            held_images[image_key(r)] = r  # the latest, in id order
+            first = held_images.get(image_key(r))
+            if first is None or (reviewed.get(r.id) == "accept" and reviewed.get(first.id) != "accept"):
+                held_images[image_key(r)] = r
     by_submitter: dict[str, list[Record]] = defaultdict(list)
     for r in corrections:
         by_submitter[r.submitter].append(r)

@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,15 +144,24 @@ async def read_uploads(request: Request, max_upload: int) -> list[Upload] | Resp
         await form.close()
 
 
+@dataclass(frozen=True)
+class Served:
+    """What answers: a model, its card and its version (None for a single model file)."""
+
+    model: Model
+    card: dict[str, Any]
+    version: int | None
+
+
 class Service:
     """The routes of one worker: its model, its card, its pool and its admission count."""
 
     def __init__(self, model_path: Path, settings: Settings) -> None:
         self.settings = settings
-        path, self.version = registry.resolve(model_path)
-        self.model = load_model(path, threads=1)
-        self.card = model_card(path, self.model.classes)
-        if self.version is not None:  # a model base path: follow its promotions and rollbacks
+        path, version = registry.resolve(model_path)
+        model = load_model(path, threads=1)
+        self.served = Served(model, model_card(path, model.classes), version)  # swapped whole: never mixed
+        if version is not None:  # a model base path: follow its promotions and rollbacks
             threading.Thread(target=self.follow, args=(model_path,), name="follow", daemon=True).start()
         self.page = PAGE.read_bytes()
         self.collector = Collector(settings) if settings.feedback else None
@@ -170,46 +180,48 @@ class Service:
         problem = ""
         while True:
             time.sleep(FOLLOW_SECONDS)
+            serving = self.served.version
             try:
                 version = registry.current(base)
-            except (OSError, registry.RegistryError) as exc:
+            except Exception as exc:  # whatever the folder holds, the thread goes on and the server keeps its model
                 if str(exc) != problem:
                     problem = str(exc)
-                    print(f"warning: {problem}; still serving version {self.version}", file=sys.stderr, flush=True)
+                    print(f"warning: {problem}; still serving version {serving}", file=sys.stderr, flush=True)
                 continue
             problem = ""
-            if version is None or version == self.version or version in failed:
+            if version is None or version == serving or version in failed:
                 continue
             path = registry.model_path(base, version)
             try:
                 model = load_model(path, threads=1)
+                card = model_card(path, model.classes)
             except Exception as exc:  # whatever a bad file raises, the server keeps the model it has
                 failed.add(version)
-                print(f"warning: version {version} does not load ({exc}); still serving version {self.version}",
+                print(f"warning: version {version} does not load ({exc}); still serving version {serving}",
                       file=sys.stderr, flush=True)
                 continue
-            self.card = model_card(path, model.classes)
-            self.model, self.version = model, version
+            self.served = Served(model, card, version)
             print(f"serving version {version} ({model.sha256[:12]}) from {path}", flush=True)
 
     async def index(self, request: Request) -> Response:
         return Response(self.page, media_type="text/html; charset=utf-8")
 
     async def healthz(self, request: Request) -> Response:
+        served = self.served
         return JSONResponse(
             {
                 "status": "ok",
-                "model": self.card.get("model"),
-                "model_sha256": self.model.sha256,  # the ONNX file that answers, as loaded
-                "version": self.version,  # in a model base path; None for one model file
-                "classes": len(self.model.classes),
+                "model": served.card.get("model"),
+                "model_sha256": served.model.sha256,  # the ONNX file that answers, as loaded
+                "version": served.version,  # in a model base path; None for one model file
+                "classes": len(served.model.classes),
                 "admitted": self.admitted,
                 "feedback": self.collector is not None,
             }
         )
 
     async def card_json(self, request: Request) -> Response:
-        return JSONResponse(self.card)
+        return JSONResponse(self.served.card)
 
     def refusal(self, request: Request) -> Response | None:
         """The answer to a request refused before its body is read, if it is."""
@@ -247,7 +259,7 @@ class Service:
         if isinstance(files, Response):
             return files
         status, body = await asyncio.get_running_loop().run_in_executor(
-            self.pool, answer, self.model, files, self.settings.max_pixels
+            self.pool, answer, self.served.model, files, self.settings.max_pixels
         )
         return Response(body, status_code=status, media_type="application/json")
 
@@ -271,7 +283,7 @@ class Service:
         upload, label = parsed
         loop = asyncio.get_running_loop()
         record = await loop.run_in_executor(
-            self.pool, collector.scored, self.model, upload, label, submitter, self.settings.max_pixels
+            self.pool, collector.scored, self.served.model, upload, label, submitter, self.settings.max_pixels
         )
         if isinstance(record, Response):
             return record
