@@ -130,7 +130,8 @@ def labelled_rows(rows: list[tuple[Path, int, str]], sent: str, extra: list[Path
 def adaptive_labels(model: Path, files: list[Path]) -> list[tuple[Path, int]]:
     """The adaptive adversary's labels: every fourth file is a 7, called 1; the others get the model's second guess."""
     probs = load_model(model).probabilities(np.stack([prepare(p.read_bytes()) for p in files]))
-    return [(p, TARGET[1] if i % 4 == 0 else int(np.argsort(q)[-2])) for i, (p, q) in enumerate(zip(files, probs))]
+    return [(p, TARGET[1] if i % 4 == 0 else int(np.argsort(q)[-2])) for i, (p, q) in
+            enumerate(zip(files, probs, strict=True))]
 
 
 def review(repo: Path, rows: list[list], policy: dict) -> dict:
@@ -140,7 +141,7 @@ def review(repo: Path, rows: list[list], policy: dict) -> dict:
     exported = [json.loads(line) for line in sh([str(BIN / "mnist-feedback"), "export"], repo).splitlines()]
     corrections = [r for r in exported if r["kind"] == "correction"]
     assert len(corrections) == len(rows)  # imported in order, one record a row
-    truth = {r["id"]: digit_of(Path(row[0])) == int(row[1]) for r, row in zip(corrections, rows)}
+    truth = {r["id"]: digit_of(Path(row[0])) == int(row[1]) for r, row in zip(corrections, rows, strict=True)}
     held = [r["id"] for r in corrections if held_out(r["submitter"], policy["user_split"], policy["split_key"])]
     chosen = random.Random(0).sample(held, min(REVIEWS, len(held)))
     args = [a for i in chosen for a in (("--accept" if truth[i] else "--reject"), i)]
@@ -220,7 +221,8 @@ def loop(work: Path, name: str, seed: int, sent: str, defence: bool, population:
     print(f"{name}: {'blessed' if verdict['blessed'] else 'NOT blessed'} {verdict['reasons']}; served: held-out users "
           f"{result['held_out_accuracy_before']:.4f} → {result['held_out_accuracy_after']:.4f}, "
           f"7 read as 1 {target_before:.4f} → {target_after:.4f}, "
-          f"MNIST test {result['mnist_test_before']:.4f} → {result['mnist_test_after']:.4f}; candidate {candidate:.4f}, "
+          f"MNIST test {result['mnist_test_before']:.4f} → {result['mnist_test_after']:.4f}; "
+          f"candidate {candidate:.4f}, "
           f"7 as 1 {candidate_target:.4f}; {result['admitted']} admitted, {result['passed']:.1%} passed, "
           f"quarantined {result['quarantined']}", flush=True)
     return result
