@@ -52,7 +52,7 @@ def first_stages(work: Path) -> list[tuple[str, list[str]]]:
         ("preprocess", [str(work / "raw"), str(data), "--params", str(params)]),
         ("curate", [str(work / "feedback"), "--params", str(params), "--admitted", str(out / "admitted"), "--users",
                     str(out / "users"), "--report", str(out / "curate.json"), "--figure", str(out / "curation.png"),
-                    "--quarantine", str(out / "quarantine.json")]),
+                    "--quarantine", str(out / "quarantine.json"), "--reviewed", str(out / "reviewed")]),
     ]
 
 
