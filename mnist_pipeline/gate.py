@@ -12,7 +12,13 @@ the comparison is paired: McNemar's exact test on the images one model got right
 wrong (`b`: only the champion right, `c`: only the candidate), one-sided, `P(X ≥ b)` for
 `X ~ Binomial(b + c, 1/2)`. A class is significantly worse when b > c and that p-value is under
 `alpha / classes` (Bonferroni over the classes of a slice); the slice as a whole when it is under
-`alpha`. The candidate is blessed when nothing is. Pure Python and numpy: exact integers, so the
+`alpha`. The candidate is blessed when nothing is.
+
+Two models trained on the same data with other seeds already differ by about 0.07 points on
+MNIST, and a paired test on 5,000 images sees that as a real difference: honest loops were refused
+for 8 images in 5,000. So a group may lose up to `margin` of its images (rounded down: 5 of the
+5,000 validation digits at 0.1 %, none of a class's 500 or of a few hundred reviewed digits)
+before the test starts counting: the test is of non-inferiority, b − m against c. Pure Python and numpy: exact integers, so the
 verdict is the same bytes on every machine.
 """
 
@@ -32,32 +38,42 @@ def worse_p(b: int, c: int) -> float:
     return sum(comb(n, k) for k in range(b, n + 1)) / 2**n
 
 
-def paired(champion: np.ndarray, candidate: np.ndarray, labels: np.ndarray, alpha: float) -> dict[str, Any]:
-    """The counts, p-value and verdict of one group of images both models answered."""
+def paired(
+    champion: np.ndarray, candidate: np.ndarray, labels: np.ndarray, alpha: float, margin: float = 0.0
+) -> dict[str, Any]:
+    """The counts, p-value and verdict of one group of images both models answered; up to `margin` of the images
+    lost are allowed before the test counts."""
     right_before, right_after = champion == labels, candidate == labels
     b = int((right_before & ~right_after).sum())
     c = int((~right_before & right_after).sum())
-    p = worse_p(b, c)
+    allowed = int(margin * len(labels))
+    p = worse_p(max(b - allowed, 0), c)
     return {
         "images": int(len(labels)),
         "champion_correct": int(right_before.sum()),
         "candidate_correct": int(right_after.sum()),
         "only_champion": b,
         "only_candidate": c,
+        "allowed": allowed,
         "p_worse": round(p, 6),
-        "worse": b > c and p < alpha,
+        "worse": b - allowed > c and p < alpha,
     }
 
 
 def judge_slice(
-    champion: np.ndarray, candidate: np.ndarray, labels: np.ndarray, alpha: float, classes: int = 10
+    champion: np.ndarray,
+    candidate: np.ndarray,
+    labels: np.ndarray,
+    alpha: float,
+    margin: float = 0.0,
+    classes: int = 10,
 ) -> dict[str, Any]:
-    """A slice overall at `alpha`, and each class at `alpha / classes`."""
+    """A slice overall at `alpha`, and each class at `alpha / classes`, each allowed to lose `margin` of its images."""
     per_class = {
-        str(k): paired(champion[labels == k], candidate[labels == k], labels[labels == k], alpha / classes)
+        str(k): paired(champion[labels == k], candidate[labels == k], labels[labels == k], alpha / classes, margin)
         for k in range(classes)
     }
-    return {"overall": paired(champion, candidate, labels, alpha), "per_class": per_class}
+    return {"overall": paired(champion, candidate, labels, alpha, margin), "per_class": per_class}
 
 
 def verdict(slices: dict[str, dict[str, Any]]) -> tuple[bool, list[str]]:

@@ -100,6 +100,7 @@ class CNNParams(Section):
 
 class GateParams(Section):
     alpha: Float = Field(gt=0.0, lt=1.0)  # McNemar's significance level per slice (divided by the classes per class)
+    margin: Float = Field(ge=0.0, lt=0.1)  # share of a group's images the candidate may lose before the test counts
 
 
 class EvaluateParams(Section):

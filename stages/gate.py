@@ -1,6 +1,6 @@
 """gate stage: bless the candidate, or not, against the champion on data no user controls.
 
-Params: gate (alpha).
+Params: gate (alpha, margin).
 Reads: CHECKPOINT and EXPORTED (the candidate: its weights, and the ONNX file a promotion would
 serve, which --card, the export's model card, must name as exported from those weights), DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
 stage's), --champion (models/champion.json: the blessed model's checkpoint MD5, as DVC caches it, and
@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_md5": hashlib.md5(args.checkpoint.read_bytes()).hexdigest(),
         "model_sha256": sha256_file(args.exported),
     }
-    alpha = params.gate.alpha
+    alpha, margin = params.gate.alpha, params.gate.margin
     result: dict[str, Any] = {"blessed": False, "reasons": [], "champion": champion, "candidate": candidate}
     result["test"] = (
-        f"McNemar's exact test, one-sided, per slice at alpha {alpha} and per class at alpha {alpha} / 10"
+        f"McNemar's exact test, one-sided, of non-inferiority by {margin:.1%} of each group's images, per slice at "
+        f"alpha {alpha} and per class at alpha {alpha} / 10"
     )
     card = exported_from(args.card)
     if card != (sha256_file(args.checkpoint), candidate["model_sha256"]):
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(labels) == 0:
                 continue
             before, after = (predictions(p, images).numpy() for p in (path, args.checkpoint))
-            slices[name] = gate.judge_slice(before, after, labels.numpy(), alpha)
+            slices[name] = gate.judge_slice(before, after, labels.numpy(), alpha, margin)
         blessed, reasons = gate.verdict(slices)
         result.update(blessed=blessed, reasons=reasons, slices=slices)
         if "reviewed" not in slices:  # not a refusal: a project may have no reviewer yet, but say what was not seen

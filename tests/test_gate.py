@@ -28,6 +28,18 @@ def test_mcnemar_is_exact_and_one_sided():
     assert gate.worse_p(5, 5) == pytest.approx(0.623046875)
 
 
+def test_a_margin_of_the_size_of_seed_noise_is_allowed_and_no_more():
+    """Eight of 5,000 validation digits lost (an honest loop that was refused before the margin): allowed at 0.1 %;
+    twenty are not."""
+    labels = np.zeros(5000, np.int64)
+    champion = labels.copy()
+    for lost, margin, worse in ((8, 0.0, True), (8, 0.001, False), (20, 0.001, True)):
+        candidate = champion.copy()
+        candidate[:lost] = 1
+        judged = gate.paired(champion, candidate, labels, 0.05, margin)
+        assert judged["worse"] is worse and judged["allowed"] == int(margin * 5000), (lost, margin, judged)
+
+
 def test_a_class_made_worse_is_found_in_its_slice_and_noise_is_not():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 300)
