@@ -307,6 +307,8 @@ def feedback_block() -> str:
              "| passed curation | of the gain |",
              "|---|---|---|---|---|---|---|---|"]
     for name, (labels, defence) in FEEDBACK_ROWS.items():
+        if name not in summary:  # a scenario this run left out (bench_feedback.py --scenarios)
+            continue
         row = summary[name]
         lines.append(f"| {labels} | {defence} | {pct(row['held_out_accuracy_before'])} → "
                      f"{pct(row['held_out_accuracy_after'])} | {row['held_out_error_ratio']:.2f} | "
@@ -336,7 +338,11 @@ def feedback_block() -> str:
                          f"{pct(row['target_error_after'])} ({pct(row['reference_target_error_after'])}) | "
                          f"{row['mnist_test_against_reference_points']:+.2f} pts | "
                          f"{row['share_of_reference_gain']:.0%} | {pct(row['candidate_target_error'])} |")
-    clean, wrong, attacked = summary["clean"], summary["wrong_only_defended"], summary["targeted_defended"]
+    clean, wrong, attacked = summary["clean"], summary["wrong_only_defended"], summary.get("targeted_defended")
+    left_out = [name.replace("_", " ") for name in FEEDBACK_ROWS if name not in summary]
+    if left_out:
+        lines += ["", f"Not run this time: {', '.join(left_out)} (`git log benchmarks/results/feedback.json` has "
+                      "their last figures)."]
     snap = r["snapshot"]
     served = load("serve")
     if not served or "feedback" not in served:
@@ -352,12 +358,13 @@ def feedback_block() -> str:
               f"- wrong-only users: at least 95 % of their corrections pass curation and the defended loop keeps at "
               f"least 95 % of the naive loop's gain: {met(wrong['passed'] >= 0.95 and wrong['share_of_reference_gain'] >= 0.95)} "
               f"({pct(wrong['passed'])} passed, {wrong['share_of_reference_gain']:.0%} of the naive gain);",
+              *([] if attacked is None or "targeted_naive" not in summary else [
               f"- one adversary at 20 % of all records (defended): MNIST test at most 0.05 points lower, at least 80 % "
               f"of the clean gain kept, held-out 7s read as 1 no more often than without the attack: "
               f"{met(attacked['mnist_test_change_points'] >= -0.05 and attacked['share_of_reference_gain'] >= 0.8 and attacked['target_error_after'] <= clean['target_error_after'])} "
               f"({attacked['mnist_test_change_points']:+.2f} pts, {attacked['share_of_reference_gain']:.0%}, "
               f"{pct(attacked['target_error_after'])} against {pct(clean['target_error_after'])}; naive "
-              f"{pct(summary['targeted_naive']['target_error_after'])});",
+              f"{pct(summary['targeted_naive']['target_error_after'])});"]),
               f"- `POST /feedback` with 2 workers and a SQLite store ≥ 0.85× `/predict`'s rate, p99 ≤ 50 ms: "
               f"{met(server['feedback_share_of_predict'] >= 0.85 and fb['latency_ms']['p99'] <= 50)} "
               f"({fb['requests_per_second']:.0f} req/s, {server['feedback_share_of_predict']:.2f}×, p99 "

@@ -664,8 +664,9 @@ def test_review_records_verdicts_that_the_next_snapshot_carries(tmp_path, capsys
     quarantine = tmp_path / "quarantine.json"
     # ids[0] was not quarantined: any correction may be reviewed (the gate scores the held-out users' accepted ones)
     quarantine.write_text(json.dumps([{"id": i, "reason": "implausible", "label": 7, "answer": 2} for i in ids[1:]]))
+    # Each verdict its own flag, as a script writes them: every one counts (argparse kept only the last one).
     code = cli.main(["--store", str(store_dir), "--snapshots", str(shards), "review", "--quarantine", str(quarantine),
-                     "--accept", ids[0], "--reject", ids[1], "unknown-id"])
+                     "--accept", ids[0], "--reject", ids[1], "--reject", "unknown-id", "--accept", ids[0]])
     out = capsys.readouterr().out
     assert code == 1 and "unknown-id: error: no such correction" in out and f"{ids[0]}: accepted" in out
     assert cli.main(["--store", str(store_dir), "--snapshots", str(shards), "snapshot", "--no-dvc"]) == 0

@@ -374,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--file", type=Path, required=True, help="the tokens file to add it to (made if missing)")
     rev = sub.add_parser("review", help="accept or reject quarantined corrections")
     rev.add_argument("--quarantine", type=Path, default=DEFAULT_QUARANTINE)
-    rev.add_argument("--accept", nargs="*", default=[], metavar="ID")
-    rev.add_argument("--reject", nargs="*", default=[], metavar="ID")
+    rev.add_argument("--accept", nargs="*", action="extend", default=[], metavar="ID")
+    rev.add_argument("--reject", nargs="*", action="extend", default=[], metavar="ID")
     rev.add_argument("--reviewer", default=getpass.getuser())
     return parser
 
