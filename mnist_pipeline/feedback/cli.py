@@ -95,7 +95,7 @@ def items_from(path: Path, submitter: str, signed_in: bool = False) -> tuple[lis
                     problems.append(f"{path}:{n}: expected file,label[,submitter] with a label 0–9, got {row!r:.80}")
                     continue
                 named = len(row) == 3 and row[2].strip()
-                who = ((("name" if signed_in else "import"), row[2].strip()) if named else ("name", submitter))
+                who = (("name" if signed_in else "import"), row[2].strip()) if named else ("name", submitter)
                 items.append((path.parent / row[0].strip(), int(row[1]), who))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.append(f"{path}: cannot read it as a CSV ({exc})")
@@ -304,10 +304,12 @@ def review(store: Store, folder: Path, quarantine: Path, verdicts: dict[str, str
             if rec is None or item_id in done or rec.image is None:
                 continue
             print(ascii_digit(rec.image))
+            status = (
+                "a held-out user's: judged, it is a gate digit" if reason == "user_split" else f"quarantined: {reason}"
+            )
             print(
                 f"{item_id}: labelled {rec.label}, the model said {rec.answer} "
-                f"(p(label) {rec.probabilities[rec.label]:.3f}); "
-                + ("a held-out user's: judged, it is a gate digit" if reason == "user_split" else f"quarantined: {reason}")
+                f"(p(label) {rec.probabilities[rec.label]:.3f}); {status}"
             )
             choice = input("[a]ccept  [r]eject  [s]kip  [q]uit? ").strip().lower()[:1]
             if choice == "q":

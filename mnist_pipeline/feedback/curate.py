@@ -164,7 +164,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
         }
         disagreements = sum(r.label != r.answer for r in mine)
         distrusted = disagreements >= policy.min_records and len(implausible) > policy.max_implausible * disagreements
-        kept, per_class = 0, Counter()
+        kept, per_class = 0, Counter[int]()
         for r in mine:
             verdict = reviewed.get(r.id)
             reason: str | None = None

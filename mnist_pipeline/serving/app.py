@@ -197,8 +197,11 @@ class Service:
                 card = model_card(path, model.classes)
             except Exception as exc:  # whatever a bad file raises, the server keeps the model it has
                 failed.add(version)
-                print(f"warning: version {version} does not load ({exc}); still serving version {serving}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: version {version} does not load ({exc}); still serving version {serving}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             self.served = Served(model, card, version)
             print(f"serving version {version} ({model.sha256[:12]}) from {path}", flush=True)
