@@ -18,16 +18,46 @@ Two models trained on the same data with other seeds already differ by about 0.0
 MNIST, and a paired test on 5,000 images sees that as a real difference: honest loops were refused
 for 8 images in 5,000. So a group may lose up to `margin` of its images (rounded down: 5 of the
 5,000 validation digits at 0.1 %, none of a class's 500 or of a few hundred reviewed digits)
-before the test starts counting: the test is of non-inferiority, b − m against c. Pure Python and numpy: exact integers, so the
-verdict is the same bytes on every machine.
+before the test starts counting: the test is of non-inferiority, b − m against c. Pure Python and
+numpy: exact integers, so the verdict is the same bytes on every machine.
+
+A model's identity, as the champion record (models/champion.json) and the verdict write it, is its
+checkpoint's MD5 (the key DVC's cache keeps it under) and its ONNX file's SHA-256 (what a server
+reports); the gate stage, `mnist-promote` and the feedback benchmark all take it from `identity`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from math import comb
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mnist_pipeline.errors import DatasetError
+from mnist_pipeline.fileio import sha256_file
+
+HEX32, HEX64 = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{64}")
+
+
+def identity(checkpoint: bytes, model: Path) -> dict[str, str]:
+    """A model's identity: its checkpoint's MD5 (given the checkpoint's bytes) and its ONNX file's SHA-256."""
+    return {"checkpoint_md5": hashlib.md5(checkpoint).hexdigest(), "model_sha256": sha256_file(model)}
+
+
+def read_champion(path: Path) -> dict[str, Any]:
+    """models/champion.json, its hashes checked: an MD5 becomes a path in DVC's cache, so `../` must not."""
+    try:
+        champion = json.loads(path.read_text())
+        md5, sha = champion["checkpoint_md5"], champion["model_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{path}: not a champion record ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(md5, str) and HEX32.fullmatch(md5) and isinstance(sha, str) and HEX64.fullmatch(sha)):
+        raise DatasetError(f"{path}: checkpoint_md5 must be 32 lowercase hex digits and model_sha256 64")
+    return champion
 
 
 def worse_p(b: int, c: int) -> float:

@@ -16,12 +16,12 @@ checkpoint) so that the next candidate is judged against it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline import gate as gating
 from mnist_pipeline import registry
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.fileio import sha256_file, write_json
@@ -45,10 +45,10 @@ def promote(base: Path, gate: Path, model: Path, checkpoint: Path, card: Path, c
     if verdict.get("blessed") is not True:
         reasons = "; ".join(verdict.get("reasons") or []) or "no reason recorded"
         raise PipelineError(f"{gate}: the candidate is not blessed ({reasons}); nothing promoted")
-    here = {"checkpoint_md5": hashlib.md5(checkpoint.read_bytes()).hexdigest(), "model_sha256": sha256_file(model)}
+    here = gating.identity(checkpoint.read_bytes(), model)
     if verdict.get("candidate") != here:
         raise PipelineError(f"{gate} blessed another model than {model} and {checkpoint}; run `dvc repro` first")
-    if verdict.get("champion") != read_json(champion, "champion record"):
+    if verdict.get("champion") != gating.read_champion(champion):
         raise PipelineError(f"{gate} judged against another champion than {champion} names; run `dvc repro` first")
     served = registry.current(base)
     if served is not None and sha256_file(registry.model_path(base, served)) == here["model_sha256"]:

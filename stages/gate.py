@@ -2,7 +2,8 @@
 
 Params: gate (alpha, margin).
 Reads: CHECKPOINT and EXPORTED (the candidate: its weights, and the ONNX file a promotion would
-serve, which --card, the export's model card, must name as exported from those weights), DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
+serve, which --card, the export's model card, must name as exported from those weights),
+DATA_DIR/val.pt, --reviewed (corrections a reviewer accepted from held-out users: the curate
 stage's), --champion (models/champion.json: the blessed model's checkpoint MD5, as DVC caches it, and
 its ONNX SHA-256; `mnist-promote` rewrites it). Never the test split.
 Writes: --metrics (metrics/gate.json: `blessed`, the reasons it is not, the champion and the candidate,
@@ -19,7 +20,6 @@ import mnist_pipeline.kernels  # noqa: F401  first of all: pins torch's CPU kern
 # isort: split
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,10 @@ import torch
 from mnist_pipeline import gate, processed, stage
 from mnist_pipeline.checkpoint import load_checkpoint
 from mnist_pipeline.engine import predict_logits, select_device
-from mnist_pipeline.errors import DatasetError
 from mnist_pipeline.feedback import splits
-from mnist_pipeline.fileio import sha256_file, write_json
+from mnist_pipeline.fileio import write_json
 
 BATCH = 1000
-HEX32, HEX64 = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{64}")
 
 
 def configure(parser) -> None:
@@ -42,19 +40,8 @@ def configure(parser) -> None:
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--reviewed", type=Path, required=True)
     parser.add_argument("--champion", type=Path, required=True)
-    parser.add_argument("--card", type=Path, required=True, help="the export's model card: which checkpoint the ONNX is")
+    parser.add_argument("--card", type=Path, required=True, help="the export's model card: which weights the ONNX is")
     parser.add_argument("--metrics", type=Path, required=True)
-
-
-def read_champion(path: Path) -> dict[str, Any]:
-    try:
-        champion = json.loads(path.read_text())
-        md5, sha = champion["checkpoint_md5"], champion["model_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: not a champion record ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(md5, str) and HEX32.fullmatch(md5) and isinstance(sha, str) and HEX64.fullmatch(sha)):
-        raise DatasetError(f"{path}: checkpoint_md5 must be 32 lowercase hex digits and model_sha256 64")
-    return champion
 
 
 def exported_from(card: Path) -> tuple[str, str] | None:
@@ -84,11 +71,9 @@ def predictions(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     args, params = stage.parse(__doc__, configure, argv)
-    champion = read_champion(args.champion)
-    candidate = {
-        "checkpoint_md5": hashlib.md5(args.checkpoint.read_bytes()).hexdigest(),
-        "model_sha256": sha256_file(args.exported),
-    }
+    champion = gate.read_champion(args.champion)
+    weights = args.checkpoint.read_bytes()
+    candidate = gate.identity(weights, args.exported)
     alpha, margin = params.gate.alpha, params.gate.margin
     result: dict[str, Any] = {"blessed": False, "reasons": [], "champion": champion, "candidate": candidate}
     result["test"] = (
@@ -96,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         f"alpha {alpha} and per class at alpha {alpha} / 10"
     )
     card = exported_from(args.card)
-    if card != (sha256_file(args.checkpoint), candidate["model_sha256"]):
+    if card != (hashlib.sha256(weights).hexdigest(), candidate["model_sha256"]):
         result["reasons"] = [
             f"{args.exported} is not the export of {args.checkpoint} ({args.card} names another pair): "
             "run `dvc repro export`"

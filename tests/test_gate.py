@@ -55,26 +55,36 @@ def test_a_class_made_worse_is_found_in_its_slice_and_noise_is_not():
     assert not blessed and len(reasons) == 1 and reasons[0].startswith("val: class 7 worse (12 images")
 
 
-def swap_classes(checkpoint: Path, out: Path, a: int, b: int) -> None:
-    """A candidate that reads a as b and b as a: the last layer's two rows swapped."""
+def edit_weights(checkpoint: Path, out: Path, change) -> None:
+    """A candidate: the checkpoint with `change` applied to a copy of its state dict."""
     ckpt = load_checkpoint(checkpoint)
     state = dict(ckpt.state_dict)
-    last = [k for k, v in state.items() if v.ndim >= 1 and v.shape[0] == 10][-2:]
-    assert len(last) == 2, list(state)
-    for k in last:
-        v = state[k].clone()
-        v[[a, b]] = v[[b, a]]
-        state[k] = v
+    change(state)
     save_checkpoint(out, replace(ckpt, state_dict=state))
+
+
+def swap_classes(checkpoint: Path, out: Path, a: int, b: int) -> None:
+    """A candidate that reads a as b and b as a: the last layer's two rows swapped."""
+
+    def swap(state: dict) -> None:
+        last = [k for k, v in state.items() if v.ndim >= 1 and v.shape[0] == 10][-2:]
+        assert len(last) == 2, list(state)
+        for k in last:
+            v = state[k].clone()
+            v[[a, b]] = v[[b, a]]
+            state[k] = v
+
+    edit_weights(checkpoint, out, swap)
 
 
 def nudge(checkpoint: Path, out: Path) -> None:
     """Other bytes, the same answers: a retrained model that changed nothing that matters."""
-    ckpt = load_checkpoint(checkpoint)
-    state = dict(ckpt.state_dict)
-    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
-    state[key] = state[key] + 1e-7
-    save_checkpoint(out, replace(ckpt, state_dict=state))
+
+    def add(state: dict) -> None:
+        key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
+        state[key] = state[key] + 1e-7
+
+    edit_weights(checkpoint, out, add)
 
 
 def gate_stage(repo: Path, env: dict) -> dict:
