@@ -64,7 +64,7 @@ def test_records_round_trip(tmp_path):
     first = found[records[0].id]
     assert first.label == 0 and first.answer == 4 and first.upload == b"png"
     assert first.model == "abc" and first.probabilities == tuple(round(float(p), 6) for p in probs)
-    assert np.array_equal(first.image, image(0)) and first.submitter != "ann" and first.submitter.startswith("s")
+    assert np.array_equal(first.image, image(0)) and first.submitter != "ann" and first.submitter.startswith("n")
 
 
 def test_a_full_store_refuses_and_keeps_every_record(tmp_path):
@@ -500,6 +500,60 @@ def test_agreement_counts_only_from_identities_that_cost_something():
     assert {r.submitter for r in result.admitted} == {"a-copy0", "a-copy1"} and len(result.admitted) == 10
 
 
+def verdict_on(records: list[Record], verdict: str, reviewer: str = "rev") -> list[Record]:
+    """A reviewer's `verdict` on each of `records`."""
+    return [replace(r, id=f"{r.id}-{verdict}", verdict=verdict) for r in accepted(records, reviewer)]
+
+
+def test_a_rejection_is_not_undone_by_sending_the_image_again():
+    """The finding: trust was judged on the latest label per image, so re-sending a rejected image under another
+    label hid the rejection and gave the submitter back trust (and with it no bounds at all)."""
+    rng = np.random.default_rng(21)
+    mine = population(rng, "sam", 4, misread=True)
+    reviews = accepted(mine[:3]) + verdict_on(mine[3:], "reject")
+    assert curate.curate(mine + reviews, policy(**ALL_TRAIN)).trusted_submitters == set()
+    again = replace(mine[3], id=mine[3].id + "-again", label=(mine[3].label + 1) % 10)
+    assert curate.curate(mine + [again] + reviews, policy(**ALL_TRAIN)).trusted_submitters == set()
+    assert curate.curate(mine[:3] + accepted(mine[:3]), policy(**ALL_TRAIN)).trusted_submitters == {"sam"}
+
+
+def test_a_trusted_submitter_keeps_what_the_model_finds_implausible():
+    """The finding: the rule that drops a submitter whose disagreements are mostly implausible came before trust,
+    so a submitter a reviewer vouched for lost every correction the model could not believe."""
+    rng = np.random.default_rng(22)
+    mine = population(rng, "hard-cases", 20, misread=True, far_every=1)  # the truth always the model's 5th guess
+    assert all(not curate.plausible(r, 0.01, 3) for r in mine)
+    result = curate.curate(mine + accepted(mine[:3]), policy(**ALL_TRAIN))
+    assert result.trusted_submitters == {"hard-cases"} and len(result.admitted) == 20
+    untrusted = curate.curate(mine, policy(**ALL_TRAIN))
+    assert untrusted.admitted == [] and len(untrusted.quarantined["submitter"]) == 20
+
+
+def test_an_old_pseudonym_is_anonymous_and_the_same_person_as_its_new_one():
+    """The finding: stores written before the kind letter keyed addresses `s…` too. Such a record cannot say it cost
+    something, so it vouches for nobody; and one address under its old and new pseudonym is one submitter, under
+    one set of caps."""
+    salt = bytes(32)
+    new, named = pseudonym(salt, "client", "192.0.2.7"), pseudonym(salt, "user", "ann")
+    old = "s" + new[1:]
+    assert anonymous(old) and anonymous(new) and not anonymous(named) and named[0] == "n"
+    assert curate.identity_key(old) == curate.identity_key(new)
+    rng = np.random.default_rng(23)
+    flips = [replace(r, label=1, answer=7, probabilities=tuple(0.9 if c == 7 else 0.05 if c == 1 else 0.00625
+                                                               for c in range(10)))
+             for r in population(rng, "x", 16)]
+    both = [replace(r, submitter=old if i < 8 else new) for i, r in enumerate(flips)]
+    result = curate.curate(both, policy(**ALL_TRAIN))
+    assert len(result.admitted) == 10 and len(result.quarantined["class_cap"]) == 6
+    # An old pseudonym giving an image the same label is no independent agreement; a named one is.
+    implausible = [replace(r, probabilities=tuple(0.99 if c == 7 else 1e-5 if c == 1 else 1e-3 for c in range(10)))
+                   for r in flips[:3]]
+    for other, agrees in ((old, False), (named, True)):
+        copies = [replace(r, id=r.id + "-copy", submitter=other) for r in implausible]
+        result = curate.curate(implausible + copies, policy(**ALL_TRAIN))
+        assert ({r.id for r in implausible} <= {r.id for r in result.admitted}) is agrees
+
+
 def test_an_image_held_out_is_held_out_under_every_pseudonym():
     """The finding: the same image sent under two pseudonyms sat in the admitted part and the user split."""
     rng = np.random.default_rng(12)
@@ -683,10 +737,24 @@ def test_names_in_an_imported_file_are_anonymous_unless_vouched_for(tmp_path):
     """The finding: a CSV import could name a new submitter on every row, each as good as a signed-in user."""
     (tmp_path / "rows.csv").write_text("a.png,7,mallory1\nb.png,7,mallory2\nc.png,3\n")
     salt = bytes(32)
-    for signed_in, kinds in ((False, ["a", "a", "s"]), (True, ["s", "s", "s"])):
+    for signed_in, kinds in ((False, ["a", "a", "n"]), (True, ["n", "n", "n"])):
         items, problems = cli.items_from(tmp_path / "rows.csv", "operator", signed_in)
         assert problems == []
         submitters = [pseudonym(salt, *who) for _, _, who in items]
         assert [s[0] for s in submitters] == kinds
         assert [anonymous(s) for s in submitters] == [k == "a" for k in kinds]
     assert anonymous(pseudonym(salt, "client", "192.0.2.1")) and not anonymous(pseudonym(salt, "user", "ann"))
+
+
+
+def test_an_imported_file_names_its_own_images_and_ascii_labels(tmp_path):
+    """The findings: a label "²" passed `isdigit` and crashed the import; a row could name any file the operator
+    can read (`/etc/…`, `../…`), whose bytes then went into the store and every push."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"")
+    rows = "ok.png,7\nsup.png,\u00b2\n../secret.png,3\n/etc/hostname,3\nsub/../ok.png,4\n"
+    (tmp_path / "in" / "rows.csv").write_text(rows)
+    items, problems = cli.items_from(tmp_path / "in" / "rows.csv", "operator", False)
+    assert [(p.name, label) for p, label, _ in items] == [("ok.png", 7), ("ok.png", 4)]
+    assert len(problems) == 3 and "label 0–9" in problems[0]
+    assert all("outside the CSV's folder" in p for p in problems[1:])

@@ -13,8 +13,9 @@ can teach, and hand out trust only for what an attacker cannot make cheaply. In 
 apply to the training part:
 
 1. review: a person's verdict (`mnist-feedback review`) overrides everything below; a submitter
-   with at least `trusted_reviews` corrections accepted and none rejected is trusted: their
-   implausible labels pass and the per-class bounds do not apply to them;
+   with at least `trusted_reviews` corrections accepted and none rejected (ever: a label sent
+   again does not undo a rejection) is trusted: their implausible labels pass, and neither the
+   submitter rule (3) nor the per-digit bounds (4, 5) apply to them;
 2. implausible: a label the model that answered gave less than `min_prob` (its calibrated
    probability, recorded when the correction came in, so out of sample) *and* that is not among
    its `top_k` guesses, unless another submitter gave the same image the same label
@@ -28,8 +29,10 @@ apply to the training part:
    `records.anonymous`) together get at most `anonymous_per_class` admitted disagreements
    labelled any one digit, shared out one submitter at a time.
 
-`defence: false` turns 2–5 off (naive ingest), for comparison. Duplicates (one submitter,
-one image) keep the latest label. The policy is params.yaml's `feedback:` section itself
+`defence: false` turns 2–5 off (naive ingest), for comparison. A submitter is a person: the
+pseudonym without its kind letter (`identity_key`), so an address keyed before the letter
+existed and after it is one submitter, under one set of caps. Duplicates (one submitter, one
+image) keep the latest label. The policy is params.yaml's `feedback:` section itself
 (`FeedbackParams`). Everything here is numpy: the stage needs no torch.
 """
 
@@ -64,14 +67,15 @@ class Curated:
 
 def held_out(submitter: str, share: float, key: str) -> bool:
     """Whether a submitter's records form part of the user split: a keyed hash, stable as records arrive. The
-    pseudonym's kind letter is not hashed, so an address keyed `s…` before the letter existed is on the same side."""
+    pseudonym's kind letter is not hashed, so an address keyed `s…` before the letter meant anything is on the same
+    side."""
     digest = hashlib.sha256(f"{key}:{identity_key(submitter)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 def identity_key(submitter: str) -> str:
     """A pseudonym without its kind letter (records.pseudonym); any other name as it is."""
-    return submitter[1:] if re.fullmatch(r"[as][0-9a-f]{15}", submitter) else submitter
+    return submitter[1:] if re.fullmatch(r"[ans][0-9a-f]{15}", submitter) else submitter
 
 
 def image_key(r: Record) -> bytes:
@@ -83,7 +87,7 @@ def latest_per_image(records: list[Record]) -> list[Record]:
     """One record per (submitter, image): the last label a person gave a digit is the one they meant."""
     kept: dict[tuple[str, bytes], Record] = {}
     for r in records:  # in id order, so later ones replace earlier ones
-        kept[(r.submitter, image_key(r))] = r
+        kept[(identity_key(r.submitter), image_key(r))] = r
     return sorted(kept.values(), key=lambda r: r.id)
 
 
@@ -101,14 +105,15 @@ def plausible(r: Record, min_prob: float, top_k: int) -> bool:
 
 
 def trusted(corrections: list[Record], reviewed: dict[str, str], needed: int) -> set[str]:
-    """Submitters a reviewer vouched for: at least `needed` of their corrections accepted, none rejected."""
+    """Submitters (`identity_key`) a reviewer vouched for: at least `needed` of their corrections accepted, none
+    rejected. Pass every correction, not only the latest per image: sending an image again must not hide a rejection."""
     accepted: Counter = Counter()
     rejected: set[str] = set()
     for r in corrections:
         if reviewed.get(r.id) == "accept":
-            accepted[r.submitter] += 1
+            accepted[identity_key(r.submitter)] += 1
         elif reviewed.get(r.id) == "reject":
-            rejected.add(r.submitter)
+            rejected.add(identity_key(r.submitter))
     return {s for s, n in accepted.items() if n >= needed and s not in rejected}
 
 
@@ -118,8 +123,8 @@ def corroborated(corrections: list[Record]) -> set[str]:
     givers: dict[tuple[bytes, int], set[str]] = defaultdict(set)
     for r in corrections:
         if not anonymous(r.submitter):
-            givers[(image_key(r), r.label)].add(r.submitter)
-    return {r.id for r in corrections if givers[(image_key(r), r.label)] - {r.submitter}}
+            givers[(image_key(r), r.label)].add(identity_key(r.submitter))
+    return {r.id for r in corrections if givers[(image_key(r), r.label)] - {identity_key(r.submitter)}}
 
 
 def round_robin(candidates: list[Record], room: int) -> tuple[list[Record], list[Record]]:
@@ -127,7 +132,7 @@ def round_robin(candidates: list[Record], room: int) -> tuple[list[Record], list
     that many identities share the room with everyone else instead of filling it."""
     queues: dict[str, list[Record]] = defaultdict(list)
     for r in sorted(candidates, key=lambda r: r.id):
-        queues[r.submitter].append(r)
+        queues[identity_key(r.submitter)].append(r)
     kept: list[Record] = []
     while len(kept) < room and any(queues.values()):
         for submitter in sorted(queues):
@@ -139,21 +144,24 @@ def round_robin(candidates: list[Record], room: int) -> tuple[list[Record], list
 
 def curate(records: list[Record], policy: FeedbackParams) -> Curated:
     reviewed = verdicts(records)
-    corrections = latest_per_image([r for r in records if r.kind == "correction"])
-    out = Curated(trusted_submitters=trusted(corrections, reviewed, policy.trusted_reviews))
+    every = [r for r in records if r.kind == "correction"]
+    corrections = latest_per_image(every)
+    out = Curated(trusted_submitters=trusted(every, reviewed, policy.trusted_reviews))
     agreed = corroborated(corrections)
-    users = {r.submitter for r in corrections if held_out(r.submitter, policy.user_split, policy.split_key)}
+    users = {
+        identity_key(r.submitter) for r in corrections if held_out(r.submitter, policy.user_split, policy.split_key)
+    }
     out.held_out_submitters = users
     # An image a held-out user sent is held out under every pseudonym: scored once, trained on by no one.
     held_images: dict[bytes, Record] = {}
     for r in corrections:  # the copy scored: one a reviewer accepted, else the earliest
-        if r.submitter in users and reviewed.get(r.id) != "reject":
+        if identity_key(r.submitter) in users and reviewed.get(r.id) != "reject":
             first = held_images.get(image_key(r))
             if first is None or (reviewed.get(r.id) == "accept" and reviewed.get(first.id) != "accept"):
                 held_images[image_key(r)] = r
     by_submitter: dict[str, list[Record]] = defaultdict(list)
     for r in corrections:
-        by_submitter[r.submitter].append(r)
+        by_submitter[identity_key(r.submitter)].append(r)
     pending: list[Record] = []  # admitted so far: anonymous disagreements still face the per-class bound
     for submitter, mine in sorted(by_submitter.items()):
         vouched = submitter in out.trusted_submitters
@@ -163,7 +171,11 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
             if reviewed.get(r.id) != "accept" and r.id not in agreed and not plausible(r, policy.min_prob, policy.top_k)
         }
         disagreements = sum(r.label != r.answer for r in mine)
-        distrusted = disagreements >= policy.min_records and len(implausible) > policy.max_implausible * disagreements
+        distrusted = (
+            not vouched
+            and disagreements >= policy.min_records
+            and len(implausible) > policy.max_implausible * disagreements
+        )
         kept, per_class = 0, Counter[int]()
         for r in mine:
             verdict = reviewed.get(r.id)
@@ -202,7 +214,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
         and anonymous(r.submitter)
         and r.label != r.answer
         and reviewed.get(r.id) != "accept"
-        and r.submitter not in out.trusted_submitters
+        and identity_key(r.submitter) not in out.trusted_submitters
     ]
     over: set[str] = set()
     for c in range(10):

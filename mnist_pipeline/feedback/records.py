@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import re
 import secrets
 import struct
 import time
@@ -250,18 +251,21 @@ def read_files(paths: list[Path]) -> ReadResult:
 
 # Identities anyone can make more of: an anonymous network, a name in an imported file nobody vouched for.
 ANONYMOUS_KINDS = frozenset({"client", "import"})
+LEGACY_PSEUDONYM = re.compile(r"s[0-9a-f]{15}")
 
 
 def pseudonym(salt: bytes, kind: str, value: str) -> str:
     """A stable submitter id that does not reveal `value` (an address, a name) without the salt; its first letter
-    says whether the identity cost something (`s`: signed in, a token, an operator's name) or not (`a`)."""
-    prefix = "a" if kind in ANONYMOUS_KINDS else "s"
+    says whether the identity cost something (`n`: signed in, a token, an operator's name) or not (`a`). Stores
+    written before the letter meant anything gave every kind `s`."""
+    prefix = "a" if kind in ANONYMOUS_KINDS else "n"
     return prefix + hmac.new(salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:15]
 
 
 def anonymous(submitter: str) -> bool:
-    """Whether a pseudonym is of an identity anyone can multiply (`pseudonym`'s first letter)."""
-    return submitter.startswith("a")
+    """Whether a pseudonym may be of an identity anyone can multiply: `a`, and an old `s` one, which may be an
+    address: nothing in the record says which."""
+    return submitter.startswith("a") or LEGACY_PSEUDONYM.fullmatch(submitter) is not None
 
 
 def shards(folder: Path) -> list[Path]:
