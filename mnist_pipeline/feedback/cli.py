@@ -91,12 +91,17 @@ def items_from(path: Path, submitter: str, signed_in: bool = False) -> tuple[lis
                     break
                 if n == 1 and row[:2] == ["file", "label"]:
                     continue
-                if len(row) not in (2, 3) or len(row[1].strip()) != 1 or not row[1].strip().isdigit():
+                label = row[1].strip() if len(row) in (2, 3) else ""
+                if len(label) != 1 or label not in "0123456789":  # ASCII: "²".isdigit() holds, int("²") fails
                     problems.append(f"{path}:{n}: expected file,label[,submitter] with a label 0–9, got {row!r:.80}")
+                    continue
+                image = (path.parent / row[0].strip()).resolve()
+                if not image.is_relative_to(path.parent.resolve()):  # a CSV names its own images, not /etc or ../
+                    problems.append(f"{path}:{n}: {row[0].strip()!r:.80} is outside the CSV's folder")
                     continue
                 named = len(row) == 3 and row[2].strip()
                 who = (("name" if signed_in else "import"), row[2].strip()) if named else ("name", submitter)
-                items.append((path.parent / row[0].strip(), int(row[1]), who))
+                items.append((image, int(label), who))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.append(f"{path}: cannot read it as a CSV ({exc})")
     return items, problems
