@@ -50,15 +50,18 @@ def promote(base: Path, gate: Path, model: Path, checkpoint: Path, card: Path, c
         raise PipelineError(f"{gate} blessed another model than {model} and {checkpoint}; run `dvc repro` first")
     if verdict.get("champion") != gating.read_champion(champion):
         raise PipelineError(f"{gate} judged against another champion than {champion} names; run `dvc repro` first")
-    served = registry.current(base)
-    if served is not None and sha256_file(registry.model_path(base, served)) == here["model_sha256"]:
-        raise PipelineError(f"{base}: version {served} already is this model")
-    files = {registry.MODEL: model, "gate.json": gate}
-    if card.is_file():
-        files["model_card.json"] = card
-    version = registry.publish(base, files, expected_sha256=here["model_sha256"])
+    newest = max(registry.versions(base), default=None)
+    if newest is not None and sha256_file(registry.model_path(base, newest)) == here["model_sha256"]:
+        # Published already: by this command cut short before it wrote the champion record, or by an earlier run.
+        # Finish the job rather than refuse it, or the next gate judges against a model no one serves.
+        version = newest
+    else:
+        files = {registry.MODEL: model, "gate.json": gate}
+        if card.is_file():
+            files["model_card.json"] = card
+        version = registry.publish(base, files, expected_sha256=here["model_sha256"])
     registry.pin(base, None)
-    write_json(champion, {"version": version, **here})
+    write_json(champion, {"version": version, **here})  # last: until it is written, running this again finishes
     return version, here["model_sha256"]
 
 

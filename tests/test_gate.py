@@ -173,6 +173,11 @@ def test_only_a_blessed_candidate_is_promoted_and_the_gate_never_reads_test(tiny
     assert sha256_file(repo / "models" / "serving" / "1" / "model.onnx") == same["candidate"]["model_sha256"]
     now = json.loads((repo / "models" / "champion.json").read_text())
     assert now == {"version": 1, **same["candidate"]}
+    # Cut short after publishing, as if killed before the champion record: running it again finishes the job.
+    write_json(repo / "models" / "champion.json", champion)
+    assert "as version 1 of models/serving" in promote(repo, env).stdout
+    assert registry.versions(repo / "models" / "serving") == [1]
+    assert json.loads((repo / "models" / "champion.json").read_text()) == now
     again = promote(repo, env, check=False)  # the verdict was against the champion before
     assert again.returncode == 2 and "another champion" in again.stderr
     assert "nothing to roll back to" in promote(repo, env, "rollback", check=False).stderr
