@@ -515,6 +515,12 @@ def test_a_rejection_is_not_undone_by_sending_the_image_again():
     again = replace(mine[3], id=mine[3].id + "-again", label=(mine[3].label + 1) % 10)
     assert curate.curate(mine + [again] + reviews, policy(**ALL_TRAIN)).trusted_submitters == set()
     assert curate.curate(mine[:3] + accepted(mine[:3]), policy(**ALL_TRAIN)).trusted_submitters == {"sam"}
+    # An accept counts for the label it judged: relabelled since, or three accepted copies of one image, earn nothing.
+    relabelled = [replace(r, id=r.id + "-new", label=int(np.argmin(r.probabilities))) for r in mine[:3]]
+    result = curate.curate(mine[:3] + accepted(mine[:3]) + relabelled, policy(**ALL_TRAIN))
+    assert result.trusted_submitters == set() and result.quarantined["implausible"] == relabelled
+    copies = [replace(mine[0], id=f"{mine[0].id}-{i}") for i in range(3)]
+    assert curate.curate(copies + accepted(copies), policy(**ALL_TRAIN)).trusted_submitters == set()
 
 
 def test_a_trusted_submitter_keeps_what_the_model_finds_implausible():
@@ -545,6 +551,13 @@ def test_an_old_pseudonym_is_anonymous_and_the_same_person_as_its_new_one():
     both = [replace(r, submitter=old if i < 8 else new) for i, r in enumerate(flips)]
     result = curate.curate(both, policy(**ALL_TRAIN))
     assert len(result.admitted) == 10 and len(result.quarantined["class_cap"]) == 6
+    report = curate.report(both, result, policy(**ALL_TRAIN), [])
+    assert report["submitters"] == len(report["per_submitter"]) == 1
+    # One person: an image sent under both is one record, the latest; reviews under both add up to trust.
+    resent = replace(both[0], id="zz-resent", submitter=new, label=2)
+    assert [r.id for r in curate.latest_per_image([both[0], resent])] == ["zz-resent"]
+    reviews = accepted(both[6:10])  # two under the old pseudonym, two under the new
+    assert curate.curate(both + reviews, policy(trusted_reviews=4, **ALL_TRAIN)).trusted_submitters == {new[1:]}
     # An old pseudonym giving an image the same label is no independent agreement; a named one is.
     implausible = [replace(r, probabilities=tuple(0.99 if c == 7 else 1e-5 if c == 1 else 1e-3 for c in range(10)))
                    for r in flips[:3]]
@@ -752,9 +765,11 @@ def test_an_imported_file_names_its_own_images_and_ascii_labels(tmp_path):
     can read (`/etc/…`, `../…`), whose bytes then went into the store and every push."""
     (tmp_path / "in").mkdir()
     (tmp_path / "secret.png").write_bytes(b"")
-    rows = "ok.png,7\nsup.png,\u00b2\n../secret.png,3\n/etc/hostname,3\nsub/../ok.png,4\n"
+    (tmp_path / "in" / "loop").symlink_to("loop")
+    rows = "ok.png,7\nsup.png,\u00b2\n../secret.png,3\n/etc/hostname,3\nsub/../ok.png,4\nnul\0.png,1\nloop,2\n"
     (tmp_path / "in" / "rows.csv").write_text(rows)
     items, problems = cli.items_from(tmp_path / "in" / "rows.csv", "operator", False)
     assert [(p.name, label) for p, label, _ in items] == [("ok.png", 7), ("ok.png", 4)]
-    assert len(problems) == 3 and "label 0–9" in problems[0]
-    assert all("outside the CSV's folder" in p for p in problems[1:])
+    assert len(problems) == 5 and "label 0–9" in problems[0]
+    assert all("outside the CSV's folder" in p for p in problems[1:3])
+    assert ":6: " in problems[3] and ":7: " in problems[4]  # a NUL byte, a symlink loop: that row's line, no crash

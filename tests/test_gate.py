@@ -175,7 +175,9 @@ def test_only_a_blessed_candidate_is_promoted_and_the_gate_never_reads_test(tiny
     assert now == {"version": 1, **same["candidate"]}
     # Cut short after publishing, as if killed before the champion record: running it again finishes the job.
     write_json(repo / "models" / "champion.json", champion)
+    registry.pin(repo / "models" / "serving", 1)  # and before it unpinned
     assert "as version 1 of models/serving" in promote(repo, env).stdout
+    assert registry.pinned(repo / "models" / "serving") is None
     assert registry.versions(repo / "models" / "serving") == [1]
     assert json.loads((repo / "models" / "champion.json").read_text()) == now
     again = promote(repo, env, check=False)  # the verdict was against the champion before

@@ -95,7 +95,11 @@ def items_from(path: Path, submitter: str, signed_in: bool = False) -> tuple[lis
                 if len(label) != 1 or label not in "0123456789":  # ASCII: "²".isdigit() holds, int("²") fails
                     problems.append(f"{path}:{n}: expected file,label[,submitter] with a label 0–9, got {row!r:.80}")
                     continue
-                image = (path.parent / row[0].strip()).resolve()
+                try:
+                    image = (path.parent / row[0].strip()).resolve()
+                except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+                    problems.append(f"{path}:{n}: {row[0].strip()!r:.80}: {exc}")
+                    continue
                 if not image.is_relative_to(path.parent.resolve()):  # a CSV names its own images, not /etc or ../
                     problems.append(f"{path}:{n}: {row[0].strip()!r:.80} is outside the CSV's folder")
                     continue

@@ -104,16 +104,12 @@ def plausible(r: Record, min_prob: float, top_k: int) -> bool:
     return p >= min_prob or sum(q > p for q in r.probabilities) < top_k
 
 
-def trusted(corrections: list[Record], reviewed: dict[str, str], needed: int) -> set[str]:
-    """Submitters (`identity_key`) a reviewer vouched for: at least `needed` of their corrections accepted, none
-    rejected. Pass every correction, not only the latest per image: sending an image again must not hide a rejection."""
-    accepted: Counter = Counter()
-    rejected: set[str] = set()
-    for r in corrections:
-        if reviewed.get(r.id) == "accept":
-            accepted[identity_key(r.submitter)] += 1
-        elif reviewed.get(r.id) == "reject":
-            rejected.add(identity_key(r.submitter))
+def trusted(latest: list[Record], every: list[Record], reviewed: dict[str, str], needed: int) -> set[str]:
+    """Submitters (`identity_key`) a reviewer vouched for: at least `needed` of their latest labels (one per image)
+    accepted, and no correction they ever sent rejected. A label sent again replaces an accepted one, so it no
+    longer counts (nor do three accepted copies of one image), while it cannot hide a rejection."""
+    accepted = Counter(identity_key(r.submitter) for r in latest if reviewed.get(r.id) == "accept")
+    rejected = {identity_key(r.submitter) for r in every if reviewed.get(r.id) == "reject"}
     return {s for s, n in accepted.items() if n >= needed and s not in rejected}
 
 
@@ -146,7 +142,7 @@ def curate(records: list[Record], policy: FeedbackParams) -> Curated:
     reviewed = verdicts(records)
     every = [r for r in records if r.kind == "correction"]
     corrections = latest_per_image(every)
-    out = Curated(trusted_submitters=trusted(every, reviewed, policy.trusted_reviews))
+    out = Curated(trusted_submitters=trusted(corrections, every, reviewed, policy.trusted_reviews))
     agreed = corroborated(corrections)
     users = {
         identity_key(r.submitter) for r in corrections if held_out(r.submitter, policy.user_split, policy.split_key)
@@ -236,19 +232,19 @@ def snapshot_id(shard_names: list[str]) -> str:
 def report(records: list[Record], result: Curated, policy: FeedbackParams, shard_names: list[str]) -> dict[str, Any]:
     """metrics/curate.json: byte-stable counts (no times), so `dvc metrics diff` shows what changed."""
     corrections = [r for r in records if r.kind == "correction"]
-    per: dict[str, Counter] = defaultdict(Counter)
+    per: dict[str, Counter] = defaultdict(Counter)  # by person, as curate counts them: identity_key
     for r in result.admitted:
-        per[r.submitter]["admitted"] += 1
+        per[identity_key(r.submitter)]["admitted"] += 1
     for r in result.users:
-        per[r.submitter]["user_split"] += 1
+        per[identity_key(r.submitter)]["user_split"] += 1
     for reason, rs in result.quarantined.items():
         for r in rs:
-            per[r.submitter][reason] += 1
+            per[identity_key(r.submitter)][reason] += 1
     return {
         "snapshot": {"id": snapshot_id(shard_names), "shards": len(shard_names), "records": len(records)},
         "corrections": len(corrections),
         "reviews": len(records) - len(corrections),
-        "submitters": len({r.submitter for r in corrections}),
+        "submitters": len({identity_key(r.submitter) for r in corrections}),
         "use": policy.use,
         "defence": policy.defence,
         "admitted": len(result.admitted),
